@@ -1,0 +1,241 @@
+"""The offline / in-process Python API: `LLM.generate`, `generate_outputs`, `chat` and async `stream`."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import threading
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from engine.config import compose_config
+from engine.llm_engine import LLMEngine
+from engine.models.loader import resolve_model
+from engine.outputs import CompletionOutput, RequestOutput, StepOutput, Usage
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import TextState, encode_chat, load_tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Completion:
+    """Frontend state of one engine sequence (one of a request's n choices)."""
+
+    index: int
+    text: TextState
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    on_delta: Callable[[str, bool], None] | None = None  # streaming sink: (text delta, finished)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    choices: list[_Completion]
+    num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=[CompletionOutput(c.index, c.text.text, c.token_ids, c.finish_reason,
+                                      c.logprobs if self.params.logprobs else None) for c in self.choices],
+            usage=Usage(len(self.prompt_token_ids), sum(len(c.token_ids) for c in self.choices),
+                        self.num_cached_tokens),
+            prompt_logprobs=self.prompt_logprobs)
+
+
+class LLM:
+    """`LLM(model_path=None, dtype=torch.bfloat16, **overrides)`; no path means the embedded SmolLM2.
+
+    Overrides take config group choices (`scheduler="lpm"`, `cache="none"`, `attention="flex"`) and
+    values (`page_size=16`, `max_num_batched_tokens=256`, `enforce_eager=True`, `**{"compile.mode": ...}`).
+    """
+
+    def __init__(self, model_path: str | None = None, dtype: torch.dtype | str = torch.bfloat16, *,
+                 config: DictConfig | None = None, **overrides: Any) -> None:
+        self.config = config if config is not None else compose_config(model_path, dtype, **overrides)
+        source = resolve_model(self.config.model.path)
+        self.tokenizer = load_tokenizer(source)
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        self.engine = LLMEngine(self.config, source, extra_eos=eos)
+        self._requests: dict[str, tuple[_Request, _Completion]] = {}  # engine sequence id -> owner
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._driver: asyncio.Task | None = None
+
+    # -- inputs --------------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise ValueError(f"invalid prompt {prompt!r:.80}: expected a string or a list of token ids")
+
+    def encode_chat(self, messages: list[dict[str, Any]], chat_template_kwargs: dict | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, messages, chat_template_kwargs)
+
+    @staticmethod
+    def _params_for(count: int, sampling_params: SamplingParams | list[SamplingParams] | None,
+                    kwargs: dict[str, Any]) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams.from_kwargs(**kwargs)
+        elif kwargs:
+            if isinstance(sampling_params, list):
+                raise ValueError("pass sampling keyword arguments or a list of SamplingParams, not both")
+            sampling_params = dataclasses.replace(sampling_params, **kwargs)
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        if len(sampling_params) != count:
+            raise ValueError(f"invalid sampling_params: {len(sampling_params)} given for {count} prompts")
+        return list(sampling_params)
+
+    # -- request life cycle --------------------------------------------------------------------------
+
+    def _submit(self, prompt: str | None, ids: list[int], params: SamplingParams,
+                sink: Callable[[str, bool], None] | None = None) -> _Request:
+        rid = f"req-{next(self._ids)}"
+        choices = [_Completion(i, TextState(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                            params.skip_special_tokens), on_delta=sink) for i in range(params.n)]
+        req = _Request(rid, prompt, ids, params, choices)
+        added = []
+        with self._lock:
+            try:
+                for c in choices:
+                    # Each choice is its own sequence; the radix cache lets them share the prompt's KV.
+                    p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + c.index)
+                    self.engine.add_request(f"{rid}/{c.index}", ids, p)
+                    added.append(f"{rid}/{c.index}")
+                    self._requests[f"{rid}/{c.index}"] = (req, c)
+            except Exception:
+                for sid in added:
+                    self.engine.abort_request(sid)
+                    self._requests.pop(sid, None)
+                raise
+        return req
+
+    def _step(self) -> None:
+        """One engine step and the frontend work for what it produced."""
+        with self._lock:
+            for out in self.engine.step():
+                self._deliver(out)
+
+    def _deliver(self, out: StepOutput) -> None:
+        req, c = self._requests[out.request_id]
+        c.token_ids.extend(out.new_token_ids)
+        c.logprobs.extend(out.new_logprobs)
+        req.num_cached_tokens = max(req.num_cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs is not None:
+            req.prompt_logprobs = out.prompt_logprobs
+        delta = c.text.update(out.new_token_ids, out.finished)
+        if c.text.stopped and not out.finished:
+            self.engine.abort_request(out.request_id, "stop")
+        if out.finished or c.text.stopped:
+            c.finish_reason = "stop" if c.text.stopped else out.finish_reason
+            del self._requests[out.request_id]
+        if c.on_delta is not None and (delta or c.finish_reason):
+            c.on_delta(delta, c.finish_reason is not None)
+
+    def abort(self, req: _Request) -> None:
+        with self._lock:
+            for c in req.choices:
+                sid = f"{req.request_id}/{c.index}"
+                if self._requests.pop(sid, None) is not None:
+                    self.engine.abort_request(sid)
+                    c.finish_reason = "abort"
+
+    # -- offline API ---------------------------------------------------------------------------------
+
+    def generate_outputs(self, prompts: Prompt | Seq[Prompt],
+                         sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                         use_tqdm: bool | None = None, **sampling_kwargs: Any) -> list[RequestOutput]:
+        """Like `generate`, with token ids, finish reasons, usage and logprobs per request."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_for(len(prompts), sampling_params, sampling_kwargs)
+        encoded = [self.encode(p) for p in prompts]
+        return self._run([(p if isinstance(p, str) else None, ids, sp)
+                          for p, ids, sp in zip(prompts, encoded, params)], use_tqdm)
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 use_tqdm: bool | None = None, **sampling_kwargs: Any) -> list[str]:
+        """Completion texts, in prompt order; with n > 1 a prompt's n texts are consecutive.
+
+        String prompts are raw text (no chat template), token-id lists are used as given.
+        """
+        outs = self.generate_outputs(prompts, sampling_params, use_tqdm=use_tqdm, **sampling_kwargs)
+        return [c.text for o in outs for c in o.outputs]
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool | None = None,
+             **sampling_kwargs: Any) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        params = self._params_for(len(conversations), sampling_params, sampling_kwargs)
+        encoded = [self.encode_chat(m, chat_template_kwargs) for m in conversations]
+        return self._run([(None, ids, sp) for ids, sp in zip(encoded, params)], use_tqdm)
+
+    def _run(self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool | None) -> list[RequestOutput]:
+        requests: list[_Request] = []
+        try:
+            for prompt, ids, sp in items:
+                requests.append(self._submit(prompt, ids, sp))
+            show = self.config.progress_bar and len(items) > 1 if use_tqdm is None else use_tqdm
+            with tqdm(total=len(requests), desc="generate", disable=not show, dynamic_ncols=True) as bar:
+                done = 0
+                while done < len(requests):
+                    self._step()
+                    now = sum(r.output().finished for r in requests)
+                    bar.update(now - done)
+                    done = now
+        except BaseException:
+            for r in requests:
+                self.abort(r)
+            raise
+        return [r.output() for r in requests]
+
+    # -- async streaming -----------------------------------------------------------------------------
+
+    async def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                     **sampling_kwargs: Any) -> AsyncIterator[str]:
+        """Yield the completion's text as it is generated (n must be 1). Many may run concurrently;
+        they share one engine loop. Breaking out of the iteration aborts the request."""
+        (params,) = self._params_for(1, sampling_params, sampling_kwargs)
+        if params.n != 1:
+            raise ValueError(f"invalid n={params.n}: stream() yields a single completion")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+        req = self._submit(prompt if isinstance(prompt, str) else None, self.encode(prompt), params,
+                           sink=lambda delta, done: loop.call_soon_threadsafe(queue.put_nowait, (delta, done)))
+        if self._driver is None or self._driver.done():
+            self._driver = loop.create_task(self._drive())
+        try:
+            while True:
+                delta, done = await queue.get()
+                if delta:
+                    yield delta
+                if done:
+                    return
+        finally:
+            self.abort(req)
+
+    async def _drive(self) -> None:
+        while True:
+            with self._lock:
+                if not self.engine.has_unfinished():
+                    return
+            await asyncio.to_thread(self._step)

@@ -1,0 +1,155 @@
+"""The engine core: model + paged KV + scheduler + sampler, driven one step at a time.
+
+It speaks token ids only. Text (tokenizer, detokenizer, stop strings) belongs to the frontend, which
+may live in another process; that is why `step` returns small `StepOutput` records.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from engine.kv_cache import KVPool, PageAllocator, pages_for_budget
+from engine.kv_manager import KVManager
+from engine.model_runner import ModelRunner
+from engine.models.loader import ModelSource, build_model, load_config
+from engine.outputs import StepOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"invalid dtype={value!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(self, cfg: DictConfig, source: ModelSource, extra_eos: list[int] = ()) -> None:
+        self.cfg = cfg
+        self.dtype = parse_dtype(cfg.dtype)
+        self.device = torch.device(cfg.device)
+        self.model_config = mc = load_config(source)
+        self.eos_token_ids = set(mc.eos_token_ids) | set(extra_eos)
+
+        page_size = int(cfg.kv_cache.page_size)
+        if page_size < 1:
+            raise ValueError(f"invalid kv_cache.page_size={page_size}: must be >= 1")
+        num_pages = cfg.kv_cache.num_pages or pages_for_budget(mc, page_size, cfg.kv_cache.memory_mb, self.dtype)
+        self.pool = KVPool(mc, int(num_pages), page_size, self.dtype, self.device)
+        self.allocator = PageAllocator(self.pool.num_pages)
+        self.prefix_cache = hydra.utils.instantiate(cfg.cache)(allocator=self.allocator, page_size=page_size)
+        self.kv = KVManager(self.allocator, self.prefix_cache, page_size)
+        self.scheduler: Scheduler = hydra.utils.instantiate(cfg.scheduler)(kv=self.kv)
+        backend = hydra.utils.instantiate(cfg.attention)(k_cache=self.pool.k, v_cache=self.pool.v,
+                                                         page_size=page_size)
+        self.model = build_model(source, mc, backend, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, backend, page_size, self.device, cfg.compile)
+        self.sampler = Sampler(cfg.seed)
+        # The longest sequence must fit the pool on its own, so a lone request can always finish.
+        self.max_model_len = min(int(cfg.model.max_model_len or mc.max_position_embeddings),
+                                 mc.max_position_embeddings, self.allocator.capacity * page_size)
+        self.seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"duplicate request_id={request_id!r}")
+        if not prompt_token_ids:
+            raise ValueError("invalid prompt: it has no tokens")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab})")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
+                             f"+ max_tokens exceeds the maximum context length {self.max_model_len}")
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs.append(None)  # the first token has nothing before it
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str, reason: str = "abort") -> None:
+        """Stop a request wherever it is; its pages go back at once. Unknown or finished ids are ignored."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, rows, prompt_logprobs = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        for row, entries in prompt_logprobs.items():
+            batch.seqs[row].prompt_logprobs.extend(entries)
+
+        outputs: list[StepOutput] = []
+        if rows:
+            sampled = [batch.seqs[r] for r in rows]
+            tokens, logprobs = self.sampler(logits, sampled)
+            for seq, token, lp in zip(sampled, tokens, logprobs):
+                outputs.append(self._append(seq, token, lp))
+        if not batch.is_decode_only:
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                if seq.status is Status.RUNNING and n > 1:
+                    self.kv.cache_computed(seq)  # share finished prefill pages with later arrivals now
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: Any) -> StepOutput:
+        first = seq.num_output_tokens == 0
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.seqs[seq.request_id]
+        return StepOutput(
+            request_id=seq.request_id, new_token_ids=[token], new_logprobs=[logprob] if logprob else [],
+            finished=reason is not None, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_pages_total": self.allocator.capacity,
+            "kv_pages_free": self.allocator.num_free,
+            "kv_pages_cached": self.prefix_cache.total_pages,
+            "kv_pages_evictable": self.prefix_cache.evictable_pages,
+            "preemptions": self.scheduler.num_preemptions,
+        }

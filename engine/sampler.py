@@ -1,0 +1,84 @@
+"""Turns the last-position logits of a batch of sequences into next tokens (and their logprobs)."""
+from __future__ import annotations
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sequence import Sequence
+from kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
+
+
+def _column(seqs: list[Sequence], name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype, device=device)
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Per row: (logprob of `chosen`, k most likely (token, logprob)); one transfer for the batch."""
+    picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    if k == 0:
+        return [(p, []) for p in picked]
+    values, ids = logprobs.topk(k, dim=-1)
+    return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids.tolist(), values.tolist())]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        # Unseeded requests draw from one engine-wide stream, so a run is reproducible from cfg.seed.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        device = logits.device
+        params = [s.params for s in seqs]
+        raw = logits
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
+            logits = self._penalise(logits, seqs)
+
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            temperature = _column(seqs, "temperature", torch.float32, device).clamp(min=1e-5).unsqueeze(1)
+            filtered = apply_top_k_top_p_min_p(
+                logits / temperature, _column(seqs, "top_k", torch.long, device),
+                _column(seqs, "top_p", torch.float32, device), _column(seqs, "min_p", torch.float32, device))
+            sampled = sample_from_logits(filtered, self._noise(seqs, logits.shape[-1]).to(device))
+            tokens = torch.where(greedy, tokens, sampled)
+
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        wanted = [i for i, p in enumerate(params) if p.logprobs]
+        if wanted:
+            # Reported logprobs are the model's own distribution, before penalties and temperature.
+            rows = torch.tensor(wanted, device=device)
+            k = max(params[i].top_logprobs for i in wanted)
+            got = top_logprobs(raw[rows].log_softmax(dim=-1), tokens[rows], k)
+            for i, (lp, top) in zip(wanted, got):
+                logprobs[i] = (lp, top[:params[i].top_logprobs])
+        return tokens.tolist(), logprobs
+
+    def _noise(self, seqs: list[Sequence], vocab: int) -> torch.Tensor:
+        noise = torch.empty(len(seqs), vocab).exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[i].exponential_(generator=s.generator)
+        return noise
+
+    @staticmethod
+    def _penalise(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        b, vocab = logits.shape
+        device = logits.device
+        longest = max(s.num_output_tokens for s in seqs)
+        counts = torch.zeros(b, vocab, device=device)
+        if longest:
+            out = torch.zeros(b, longest, dtype=torch.long, device=device)
+            valid = torch.zeros(b, longest, device=device)
+            for i, s in enumerate(seqs):
+                ids = s.output_token_ids
+                out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                valid[i, :len(ids)] = 1
+            counts.scatter_add_(1, out, valid)
+        seen = counts > 0
+        for i, s in enumerate(seqs):
+            if s.params.repetition_penalty != 1:
+                seen[i, torch.tensor(s.prompt_token_ids, dtype=torch.long, device=device)] = True
+        return apply_penalties(logits, counts, seen, _column(seqs, "presence_penalty", torch.float32, device),
+                               _column(seqs, "frequency_penalty", torch.float32, device),
+                               _column(seqs, "repetition_penalty", torch.float32, device))

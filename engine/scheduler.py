@@ -1,0 +1,118 @@
+"""Continuous batching with chunked prefill, prefix-aware admission and preemption by recompute.
+
+Every step is one token budget shared by all sequences: running ones first (a decode costs one token,
+an unfinished prefill continues with a chunk), then waiting ones are admitted in policy order while
+the budget, the running limit and free KV pages allow. A sequence that cannot get a page for its next
+token preempts the newest running sequence, whose pages go back (cached where reusable) and which
+later recomputes its prompt and output so far.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.kv_manager import KVManager
+from engine.sequence import Sequence, Status
+
+POLICIES = ("fcfs", "lpm")
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, policy: str = "fcfs", max_running_requests: int = 64,
+                 max_num_batched_tokens: int = 512) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"invalid scheduler.policy={policy!r}: expected one of {POLICIES}")
+        if max_running_requests < 1:
+            raise ValueError(f"invalid scheduler.max_running_requests={max_running_requests}: must be >= 1")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"invalid scheduler.max_num_batched_tokens={max_num_batched_tokens}: must be >= 1")
+        self.kv = kv
+        self.policy = policy
+        self.max_running = max_running_requests
+        self.token_budget = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence wherever it is (running or waiting) and return its KV pages."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.kv.release(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.token_budget
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        preempted = False
+        # Oldest first, so the newest (the preemption victim) has never been scheduled in this step.
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted by an earlier sequence in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.ensure_capacity(seq, seq.num_computed_tokens + n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+
+        # Admitting while others were just preempted for lack of pages would only thrash.
+        if not preempted:
+            self._order_waiting()
+            while self.waiting and budget > 0 and len(self.running) < self.max_running:
+                seq = self.waiting[0]
+                if not self.kv.admit(seq):
+                    break
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+        return ScheduledBatch(seqs, counts)
+
+    def _order_waiting(self) -> None:
+        if self.policy == "lpm" and len(self.waiting) > 1:
+            # Stable sort: equal matches keep arrival order. Preempted sequences stay in front.
+            ranked = sorted(self.waiting, key=lambda s: (s.num_preemptions == 0, -self.kv.prefix_match_length(s)))
+            self.waiting = deque(ranked)

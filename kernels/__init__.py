@@ -1,0 +1,1 @@
+"""Attention and sampling kernels written in plain PyTorch, meant to run under torch.compile."""

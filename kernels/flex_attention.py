@@ -1,0 +1,53 @@
+"""Paged attention with FlexAttention reading the pool in place (no gather).
+
+Keys/values are the whole pool viewed as one long sequence [1, Hkv, num_pages*page_size, D]. Each step
+builds a physical-to-logical page map per batch row; the mask_mod admits a pool slot for row b only if
+its page belongs to b and its logical position is <= the query's. The block mask is built once per step
+and shared by all layers. FlexAttention is only fast compiled, so it always runs through torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from kernels.paged import PagedAttentionBase, PagedBatch
+
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+class FlexPagedAttention(PagedAttentionBase):
+    def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int,
+                 kv_block_size: int = 128) -> None:
+        super().__init__(k_cache, v_cache, page_size)
+        self.num_pages = k_cache[0].shape[0]
+        self.kv_block_size = kv_block_size
+
+    def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, BlockMask]:
+        b, pages = batch.page_table.shape
+        device = batch.positions.device
+        logical = torch.arange(pages, device=device).expand(b, pages)
+        # Only pages the row really uses: padding entries point at the scratch page and must not map.
+        used = logical < ((batch.seq_lens + self.page_size - 1) // self.page_size).unsqueeze(1)
+        phys_to_logical = torch.full((b, self.num_pages), -1, dtype=torch.long, device=device)
+        phys_to_logical.scatter_(1, torch.where(used, batch.page_table, 0), torch.where(used, logical, -1))
+        # The scatter above may have written -1 over page 0 for rows that do not own it, which is right.
+        q_pos = self.query_positions(batch)
+        ps = self.page_size
+
+        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+            page = phys_to_logical[b_idx, kv_idx // ps]
+            return (page >= 0) & (page * ps + kv_idx % ps <= q_pos[b_idx, q_idx])
+
+        block_mask = create_block_mask(mask_mod, b, None, batch.max_query_len, self.num_pages * ps,
+                                       device=device, BLOCK_SIZE=(128, self.kv_block_size))
+        return batch, block_mask
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: tuple[PagedBatch, BlockMask]) -> torch.Tensor:
+        batch, block_mask = meta
+        self.write_kv(layer, k, v, batch.slot_mapping)
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        keys = kc.view(1, -1, *kc.shape[2:]).transpose(1, 2)
+        values = vc.view(1, -1, *vc.shape[2:]).transpose(1, 2)
+        out = _compiled_flex(self.pad_queries(q, batch), keys, values, block_mask=block_mask, enable_gqa=True)
+        return self.unpad(out, batch)

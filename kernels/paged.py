@@ -1,0 +1,64 @@
+"""What every paged attention backend shares: the per-step batch layout and the K/V cache write."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PagedBatch:
+    """Where each flattened token of a step sits: its request row, its position and its cache slot."""
+
+    positions: torch.Tensor      # [T] absolute position of each new token
+    slot_mapping: torch.Tensor   # [T] page * page_size + offset where its K/V is written
+    page_table: torch.Tensor     # [B, P] physical page of each logical page (0-padded)
+    seq_lens: torch.Tensor       # [B] tokens with K/V once this step is done
+    max_query_len: int
+    pad_index: torch.Tensor | None  # [T] row * max_query_len + offset; None when every row has one token
+
+    @property
+    def batch_size(self) -> int:
+        return self.page_table.shape[0]
+
+
+class PagedAttentionBase:
+    """Holds the pool's per-layer tensors; subclasses turn a PagedBatch into attention over them."""
+
+    def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int) -> None:
+        self.k_cache, self.v_cache, self.page_size = k_cache, v_cache, page_size
+
+    def prepare(self, batch: PagedBatch) -> Any:
+        """Per-step metadata shared by all layers (built once, outside the per-layer loop)."""
+        raise NotImplementedError
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k.to(kc.dtype))
+        vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v.to(vc.dtype))
+
+    @staticmethod
+    def pad_queries(q: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """[T, H, D] flattened queries -> [B, H, L, D] rows, zero-padded to the longest query."""
+        b, length = batch.batch_size, batch.max_query_len
+        if batch.pad_index is not None:
+            q = q.new_zeros(b * length, *q.shape[1:]).index_copy(0, batch.pad_index, q)
+        return q.view(b, length, *q.shape[1:]).transpose(1, 2)
+
+    @staticmethod
+    def unpad(out: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """[B, H, L, D] -> [T, H, D], dropping padding."""
+        out = out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])
+        return out if batch.pad_index is None else out.index_select(0, batch.pad_index)
+
+    @staticmethod
+    def query_positions(batch: PagedBatch) -> torch.Tensor:
+        """[B, L] position of each padded query slot; padding gets 0 so its row is never fully masked."""
+        if batch.pad_index is None:
+            return batch.positions.view(-1, 1)
+        pos = batch.positions.new_zeros(batch.batch_size * batch.max_query_len)
+        return pos.index_copy(0, batch.pad_index, batch.positions).view(batch.batch_size, -1)

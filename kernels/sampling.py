@@ -1,0 +1,51 @@
+"""Batched logit processing and sampling: one tensor op per stage over [B, V], never a loop over V.
+
+Order follows transformers' generate: penalties, then temperature, top-k, top-p, min-p.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over generated tokens, and HF's repetition penalty over
+    every token the sequence holds (prompt included).
+
+    output_counts: [B, V] occurrences in the output; seen: [B, V] bool, in prompt or output.
+    """
+    rep = repetition.unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency.unsqueeze(1) * output_counts
+    return logits - presence.unsqueeze(1) * (output_counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k, then top-p, then min-p would drop. top_k == 0 disables it per row."""
+    vocab = logits.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, _ = logits.sort(dim=-1, descending=True)
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # A token survives top-p if the mass strictly above it is below p (so the top token always does).
+        mass_above = probs.cumsum(dim=-1) - probs
+        keep = mass_above < top_p.unsqueeze(1)
+        cutoff = torch.where(keep, sorted_logits, float("inf")).amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill((logits < kth) | (logits < cutoff), float("-inf"))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from softmax(logits) by the exponential race: argmax p_i / E_i with
+    E_i ~ Exp(1) is an exact sample, needs no cumulative sum, and takes per-row noise so each
+    request's seed alone decides its draw."""
+    probs = logits.softmax(dim=-1)
+    return (probs / noise).argmax(dim=-1)
