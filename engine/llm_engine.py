@@ -48,7 +48,12 @@ class LLMEngine:
         page_size = int(cfg.kv_cache.page_size)
         if page_size < 1:
             raise ValueError(f"invalid kv_cache.page_size={page_size}: must be >= 1")
-        num_pages = cfg.kv_cache.num_pages or pages_for_budget(mc, page_size, cfg.kv_cache.memory_mb, self.dtype)
+        num_pages = cfg.kv_cache.num_pages
+        if not num_pages:
+            # The budget, but no more than every running slot filled to the full context could use.
+            context = int(cfg.model.max_model_len or mc.max_position_embeddings)
+            most = -(-cfg.scheduler.max_running_requests * context // page_size) + 1
+            num_pages = min(pages_for_budget(mc, page_size, cfg.kv_cache.memory_mb, self.dtype), most)
         self.pool = KVPool(mc, int(num_pages), page_size, self.dtype, self.device)
         self.allocator = PageAllocator(self.pool.num_pages)
         self.prefix_cache = hydra.utils.instantiate(cfg.cache)(allocator=self.allocator, page_size=page_size)

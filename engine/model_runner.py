@@ -34,10 +34,12 @@ class ModelRunner:
         if compile_cfg.enabled:
             if compile_cfg.freezing:
                 torch._inductor.config.freezing = True
-            # Bucketed batch sizes and the growing context length would each cost a recompile
-            # under static shapes; dynamic shapes serve them with one graph (plus size-1 specialisations).
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.compiled = torch.compile(self._logits_at_every_token, mode=compile_cfg.mode, dynamic=True)
+            # Bucketed batch sizes and the growing context length would each cost a recompile under
+            # static shapes; dynamic shapes serve them with one graph (plus size-1 specialisations).
+            # Backends that cannot be traced symbolically get one static graph per (bucket, width).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(self._logits_at_every_token, mode=compile_cfg.mode,
+                                          dynamic=True if backend.supports_dynamic_shapes else False)
 
     def _logits_at_every_token(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
@@ -49,7 +51,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         pad_index: list[int] = []
-        max_q = max(batch.num_new_tokens)
+        max_q = self.backend.padded_query_len(max(batch.num_new_tokens))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + n])

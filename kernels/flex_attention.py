@@ -15,20 +15,44 @@ from kernels.paged import PagedAttentionBase, PagedBatch
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
+@torch.compiler.disable(recursive=False)
+def _flex_outside_caller_graph(q, k, v, block_mask):
+    # Inside a compiled decode step, inductor's CPU flex template cannot take K/V that are views of a
+    # buffer mutated in the same graph (the cache write); splitting the graph here hands it real
+    # inputs. The flex call itself is still compiled, on its own.
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 class FlexPagedAttention(PagedAttentionBase):
+    supports_dynamic_shapes = False
     def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int,
                  kv_block_size: int = 128) -> None:
         super().__init__(k_cache, v_cache, page_size)
         self.num_pages = k_cache[0].shape[0]
         self.kv_block_size = kv_block_size
+        # Static shapes only (inductor's CPU flex template fails under dynamic shapes): query lengths
+        # and spans are rounded to powers of two, so a bounded number of graphs covers every step.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    def padded_query_len(self, longest: int) -> int:
+        return 1 if longest == 1 else 1 << (longest - 1).bit_length()
+
+    def _span(self, page_table: torch.Tensor) -> int:
+        """Pages [0, span) cover every page of this step. The allocator hands out low pages first, so
+        attending over this span instead of the whole pool keeps the work proportional to what is used;
+        rounding to a power of two (in kv blocks) bounds the number of distinct compiled shapes."""
+        blocks = -(-(int(page_table.max()) + 1) * self.page_size // self.kv_block_size)
+        span = (1 << (blocks - 1).bit_length()) * self.kv_block_size // self.page_size
+        return max(1, min(span, self.num_pages))
 
     def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, BlockMask]:
         b, pages = batch.page_table.shape
         device = batch.positions.device
+        span = self._span(batch.page_table)
         logical = torch.arange(pages, device=device).expand(b, pages)
         # Only pages the row really uses: padding entries point at the scratch page and must not map.
         used = logical < ((batch.seq_lens + self.page_size - 1) // self.page_size).unsqueeze(1)
-        phys_to_logical = torch.full((b, self.num_pages), -1, dtype=torch.long, device=device)
+        phys_to_logical = torch.full((b, span), -1, dtype=torch.long, device=device)
         phys_to_logical.scatter_(1, torch.where(used, batch.page_table, 0), torch.where(used, logical, -1))
         # The scatter above may have written -1 over page 0 for rows that do not own it, which is right.
         q_pos = self.query_positions(batch)
@@ -38,7 +62,7 @@ class FlexPagedAttention(PagedAttentionBase):
             page = phys_to_logical[b_idx, kv_idx // ps]
             return (page >= 0) & (page * ps + kv_idx % ps <= q_pos[b_idx, q_idx])
 
-        block_mask = create_block_mask(mask_mod, b, None, batch.max_query_len, self.num_pages * ps,
+        block_mask = create_block_mask(mask_mod, b, None, batch.max_query_len, span * ps,
                                        device=device, BLOCK_SIZE=(128, self.kv_block_size))
         return batch, block_mask
 
@@ -47,7 +71,8 @@ class FlexPagedAttention(PagedAttentionBase):
         batch, block_mask = meta
         self.write_kv(layer, k, v, batch.slot_mapping)
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        keys = kc.view(1, -1, *kc.shape[2:]).transpose(1, 2)
-        values = vc.view(1, -1, *vc.shape[2:]).transpose(1, 2)
-        out = _compiled_flex(self.pad_queries(q, batch), keys, values, block_mask=block_mask, enable_gqa=True)
+        span = block_mask.seq_lengths[1]
+        keys = kc.view(1, -1, *kc.shape[2:])[:, :span].transpose(1, 2)
+        values = vc.view(1, -1, *vc.shape[2:])[:, :span].transpose(1, 2)
+        out = _flex_outside_caller_graph(self.pad_queries(q, batch), keys, values, block_mask)
         return self.unpad(out, batch)

