@@ -5,6 +5,7 @@ places those into the fused parameters of `CausalLM`.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -124,7 +125,9 @@ def load_config(src: ModelSource) -> ModelConfig:
     )
 
 
+@functools.lru_cache(maxsize=2)
 def _gguf_reader(path: Path):
+    # Parsing the header (it holds the whole vocabulary) takes seconds: config and weights share one.
     import gguf
 
     return gguf.GGUFReader(str(path))

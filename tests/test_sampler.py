@@ -1,0 +1,98 @@
+"""Sampling filters and penalties against transformers' logits processors; seeds; distributions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
+
+V = 50
+
+
+def hf_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1:
+        x = TopPLogitsWarper(top_p)(None, x)
+    if min_p:
+        x = MinPLogitsWarper(min_p)(None, x)
+    return x
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_filters_match_transformers_row_by_row(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, V, generator=g) * 3
+    settings = [(1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1),
+                (0.5, 10, 0.9, 0.05), (2.0, 1, 0.5, 0.0)]
+    t, k, p, m = (torch.tensor(col) for col in zip(*settings))
+    ours = apply_top_k_top_p_min_p(logits / t.float().unsqueeze(1), k.long(), p.float(), m.float())
+    for row, (temp, top_k, top_p, min_p) in enumerate(settings):
+        ref = hf_filter(logits[row:row + 1], temp, top_k, top_p, min_p)[0]
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(ref)), f"row {row} keeps different tokens"
+        kept = ~torch.isinf(ref)
+        assert torch.allclose(ours[row][kept], ref[kept], atol=1e-5)
+
+
+def test_penalties_match_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, V, generator=g)
+    prompt, output = [[1, 2, 3], [4]], [[3, 3, 7], [4, 9, 9, 9]]
+    counts = torch.zeros(2, V)
+    for i, ids in enumerate(output):
+        for t in ids:
+            counts[i, t] += 1
+    seen = counts > 0
+    for i, ids in enumerate(prompt):
+        seen[i, ids] = True
+    rep = torch.tensor([1.3, 0.8])
+    ours = apply_penalties(logits, counts, seen, torch.tensor([0.5, 0.0]), torch.tensor([0.2, 1.0]), rep)
+    for i in range(2):
+        ref = RepetitionPenaltyLogitsProcessor(rep[i].item())(
+            torch.tensor([prompt[i] + output[i]]), logits[i:i + 1].clone())[0]
+        ref -= [0.2, 1.0][i] * counts[i] + [0.5, 0.0][i] * (counts[i] > 0).float()
+        assert torch.allclose(ours[i], ref, atol=1e-6)
+
+
+def test_exponential_race_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    noise = torch.empty(n, 4).exponential_(generator=g)
+    draws = sample_from_logits(probs.log().expand(n, 4), noise)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    assert torch.allclose(freq, probs, atol=0.01)
+
+
+def _seq(rid: str, **params) -> Sequence:
+    return Sequence(rid, [1, 2, 3], SamplingParams(**params), arrival=0)
+
+
+def test_seeded_rows_do_not_depend_on_batch_or_engine_seed():
+    logits = torch.randn(3, V)
+    b = Sampler(seed=2)(logits, [_seq("x"), _seq("a", seed=42), _seq("y", seed=7)])[0]
+    solo = Sampler(seed=1)(logits[1:2], [_seq("a", seed=42)])[0]
+    assert solo[0] == b[1]
+    runs = [Sampler(seed=s)(logits, [_seq("p", seed=5), _seq("q", seed=5), _seq("r", seed=5)])[0] for s in (0, 9)]
+    assert runs[0] == runs[1]
+
+
+def test_greedy_rows_take_the_argmax_and_logprobs_are_raw():
+    logits = torch.randn(2, V)
+    tokens, logprobs = Sampler()(logits, [_seq("a", temperature=0, logprobs=True, top_logprobs=2,
+                                                repetition_penalty=1.5),
+                                          _seq("b", temperature=0)])
+    penalised = logits[0].clone()
+    penalised[[1, 2, 3]] = torch.where(penalised[[1, 2, 3]] > 0, penalised[[1, 2, 3]] / 1.5, penalised[[1, 2, 3]] * 1.5)
+    assert tokens == [penalised.argmax().item(), logits[1].argmax().item()]
+    lp, top = logprobs[0]
+    raw = logits[0].log_softmax(-1)
+    assert abs(lp - raw[tokens[0]].item()) < 1e-6
+    assert [t for t, _ in top] == raw.topk(2).indices.tolist()
+    assert logprobs[1] is None

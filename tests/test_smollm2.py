@@ -1,0 +1,60 @@
+"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF loader."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PROMPTS, hf_greedy, trim_at_eos
+from engine import LLM, SamplingParams
+from engine.models.loader import embedded_model_path
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    path = embedded_model_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLM(dtype=torch.float32, progress_bar=False)  # no path: the embedded model, compiled decode
+
+
+def test_default_model_is_embedded_smollm2(smollm2):
+    assert smollm2.config.model.name == "smollm2"
+    mc = smollm2.engine.model_config
+    assert (mc.architecture, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.vocab_size) == ("llama", 30, 9, 3, 49152)
+    assert mc.tie_word_embeddings
+
+
+def test_greedy_matches_transformers(smollm2, hf_smollm2):
+    ids = [smollm2.encode(p) for p in PROMPTS]
+    expected = hf_greedy(hf_smollm2, ids, MAX_NEW)
+    outs = smollm2.generate_outputs(ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    eos = smollm2.engine.eos_token_ids
+    assert [o.outputs[0].token_ids for o in outs] == [trim_at_eos(e, eos) for e in expected]
+    assert outs[1].outputs[0].text.startswith(" Paris")
+
+
+def test_logprobs_match_transformers(smollm2, hf_smollm2):
+    ids = smollm2.encode(PROMPTS[3])
+    (out,) = smollm2.generate_outputs([ids], SamplingParams(max_tokens=1, temperature=0, logprobs=True,
+                                                            prompt_logprobs=0))
+    with torch.no_grad():
+        ref = hf_smollm2(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    got = torch.tensor([lp for lp, _ in out.prompt_logprobs[1:]])
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(got, want, atol=1e-3)
+    assert abs(out.outputs[0].logprobs[0][0] - ref[-1].max().item()) < 1e-3
+
+
+def test_chat_template(smollm2):
+    (out,) = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
+                          max_tokens=24, temperature=0)
+    assert "Paris" in out.outputs[0].text
+    assert out.usage.prompt_tokens > 20  # the template added its system prompt and role markers
