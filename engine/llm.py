@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import threading
 from collections.abc import AsyncIterator, Sequence as Seq
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -16,43 +14,12 @@ from tqdm.auto import tqdm
 from engine.config import compose_config
 from engine.llm_engine import LLMEngine
 from engine.models.loader import resolve_model
-from engine.outputs import CompletionOutput, RequestOutput, StepOutput, Usage
+from engine.frontend import OutputProcessor, Sink, TrackedRequest
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import TextState, encode_chat, load_tokenizer
+from engine.tokenizer import encode_chat, load_tokenizer
 
 Prompt = str | list[int]
-
-
-@dataclass
-class _Completion:
-    """Frontend state of one engine sequence (one of a request's n choices)."""
-
-    index: int
-    text: TextState
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    finish_reason: str | None = None
-    on_delta: Callable[[str, bool], None] | None = None  # streaming sink: (text delta, finished)
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    choices: list[_Completion]
-    num_cached_tokens: int = 0
-    prompt_logprobs: list | None = None
-
-    def output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[CompletionOutput(c.index, c.text.text, c.token_ids, c.finish_reason,
-                                      c.logprobs if self.params.logprobs else None) for c in self.choices],
-            usage=Usage(len(self.prompt_token_ids), sum(len(c.token_ids) for c in self.choices),
-                        self.num_cached_tokens),
-            prompt_logprobs=self.prompt_logprobs)
 
 
 class LLM:
@@ -69,8 +36,7 @@ class LLM:
         self.tokenizer = load_tokenizer(source)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.engine = LLMEngine(self.config, source, extra_eos=eos)
-        self._requests: dict[str, tuple[_Request, _Completion]] = {}  # engine sequence id -> owner
-        self._ids = itertools.count()
+        self.frontend = OutputProcessor(self.tokenizer, self.engine.abort_request)
         self._lock = threading.RLock()
         self._driver: asyncio.Task | None = None
 
@@ -104,24 +70,15 @@ class LLM:
     # -- request life cycle --------------------------------------------------------------------------
 
     def _submit(self, prompt: str | None, ids: list[int], params: SamplingParams,
-                sink: Callable[[str, bool], None] | None = None) -> _Request:
-        rid = f"req-{next(self._ids)}"
-        choices = [_Completion(i, TextState(self.tokenizer, params.stop, params.include_stop_str_in_output,
-                                            params.skip_special_tokens), on_delta=sink) for i in range(params.n)]
-        req = _Request(rid, prompt, ids, params, choices)
-        added = []
+                sink: Sink | None = None) -> TrackedRequest:
         with self._lock:
+            req = self.frontend.track(prompt, ids, params, sink)
             try:
-                for c in choices:
+                for sid, p in req.engine_requests():
                     # Each choice is its own sequence; the radix cache lets them share the prompt's KV.
-                    p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + c.index)
-                    self.engine.add_request(f"{rid}/{c.index}", ids, p)
-                    added.append(f"{rid}/{c.index}")
-                    self._requests[f"{rid}/{c.index}"] = (req, c)
+                    self.engine.add_request(sid, ids, p)
             except Exception:
-                for sid in added:
-                    self.engine.abort_request(sid)
-                    self._requests.pop(sid, None)
+                self.frontend.abort(req)  # withdraws the choices already added
                 raise
         return req
 
@@ -129,31 +86,11 @@ class LLM:
         """One engine step and the frontend work for what it produced."""
         with self._lock:
             for out in self.engine.step():
-                self._deliver(out)
+                self.frontend.process(out)
 
-    def _deliver(self, out: StepOutput) -> None:
-        req, c = self._requests[out.request_id]
-        c.token_ids.extend(out.new_token_ids)
-        c.logprobs.extend(out.new_logprobs)
-        req.num_cached_tokens = max(req.num_cached_tokens, out.num_cached_tokens)
-        if out.prompt_logprobs is not None:
-            req.prompt_logprobs = out.prompt_logprobs
-        delta = c.text.update(out.new_token_ids, out.finished)
-        if c.text.stopped and not out.finished:
-            self.engine.abort_request(out.request_id, "stop")
-        if out.finished or c.text.stopped:
-            c.finish_reason = "stop" if c.text.stopped else out.finish_reason
-            del self._requests[out.request_id]
-        if c.on_delta is not None and (delta or c.finish_reason):
-            c.on_delta(delta, c.finish_reason is not None)
-
-    def abort(self, req: _Request) -> None:
+    def abort(self, req: TrackedRequest) -> None:
         with self._lock:
-            for c in req.choices:
-                sid = f"{req.request_id}/{c.index}"
-                if self._requests.pop(sid, None) is not None:
-                    self.engine.abort_request(sid)
-                    c.finish_reason = "abort"
+            self.frontend.abort(req)
 
     # -- offline API ---------------------------------------------------------------------------------
 
@@ -190,7 +127,7 @@ class LLM:
         return self._run([(None, ids, sp) for ids, sp in zip(encoded, params)], use_tqdm)
 
     def _run(self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool | None) -> list[RequestOutput]:
-        requests: list[_Request] = []
+        requests: list[TrackedRequest] = []
         try:
             for prompt, ids, sp in items:
                 requests.append(self._submit(prompt, ids, sp))
@@ -199,7 +136,7 @@ class LLM:
                 done = 0
                 while done < len(requests):
                     self._step()
-                    now = sum(r.output().finished for r in requests)
+                    now = sum(r.finished for r in requests)
                     bar.update(now - done)
                     done = now
         except BaseException:
@@ -219,8 +156,12 @@ class LLM:
             raise ValueError(f"invalid n={params.n}: stream() yields a single completion")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
-        req = self._submit(prompt if isinstance(prompt, str) else None, self.encode(prompt), params,
-                           sink=lambda delta, done: loop.call_soon_threadsafe(queue.put_nowait, (delta, done)))
+
+        def sink(choice, delta, out):
+            if delta or choice.finish_reason:
+                loop.call_soon_threadsafe(queue.put_nowait, (delta, choice.finish_reason is not None))
+
+        req = self._submit(prompt if isinstance(prompt, str) else None, self.encode(prompt), params, sink)
         if self._driver is None or self._driver.done():
             self._driver = loop.create_task(self._drive())
         try:

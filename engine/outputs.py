@@ -19,6 +19,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first token
+    error: str | None = None  # set when the engine could not serve the sequence
 
 
 @dataclass
