@@ -47,7 +47,6 @@ def compose_config(model_path: str | Path | None = None, dtype: torch.dtype | st
     with open_dict(cfg):
         if model_path is not None:
             cfg.model.path = str(model_path)
-            cfg.model.served_model_name = Path(str(model_path).rstrip("/")).name
         if dtype is not None:
             cfg.dtype = str(dtype).removeprefix("torch.")
         if "enforce_eager" in overrides:

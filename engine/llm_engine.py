@@ -19,7 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.models.loader import ModelSource, build_model, load_config
 from engine.outputs import StepOutput
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 
@@ -35,6 +35,19 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"invalid dtype={value!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raise InvalidParameter unless the request can run to completion in an engine of this shape."""
+    if not prompt_token_ids:
+        raise InvalidParameter("prompt", "invalid prompt: it has no tokens")
+    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise InvalidParameter("prompt", f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab_size})")
+    if len(prompt_token_ids) + params.max_tokens > max_model_len:
+        raise InvalidParameter(
+            "max_tokens", f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
+            f"+ max_tokens exceeds the maximum context length {max_model_len}")
 
 
 class LLMEngine:
@@ -75,15 +88,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.seqs:
             raise ValueError(f"duplicate request_id={request_id!r}")
-        if not prompt_token_ids:
-            raise ValueError("invalid prompt: it has no tokens")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab})")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
-                             f"+ max_tokens exceeds the maximum context length {self.max_model_len}")
+        check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
         seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it

@@ -6,6 +6,14 @@ from dataclasses import dataclass, field, fields
 MAX_TOP_LOGPROBS = 20
 
 
+class InvalidParameter(ValueError):
+    """A request parameter with a bad value; `param` names it (the OpenAI error body's "param")."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -39,8 +47,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> InvalidParameter:
+            return InvalidParameter(name, f"invalid {name}={getattr(self, name)!r}: {why}")
 
         for name in ("n", "max_tokens", "top_k", "top_logprobs"):
             value = getattr(self, name)
@@ -88,5 +96,5 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+            raise InvalidParameter(unknown[0], f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)

