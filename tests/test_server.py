@@ -138,6 +138,21 @@ def test_chat_equals_llm_chat_stream_and_not(client, llm):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.outputs[0].token_ids)
 
 
+def test_async_non_stream_and_chat_template_kwargs(server, llm):
+    messages = [{"role": "user", "content": "Hi"}]
+    (expected,) = llm.chat(messages, max_tokens=5, temperature=0, chat_template_kwargs={"enable_thinking": False})
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused") as aclient:
+            return await aclient.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+
+    resp = asyncio.run(main())
+    assert resp.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert resp.choices[0].message.content == expected.outputs[0].text
+
+
 def test_content_parts_n_stop_and_logprobs(client, llm):
     resp = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
