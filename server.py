@@ -263,7 +263,8 @@ def create_app(server: Server) -> Starlette:
 
     async def health(request: Request) -> Response:
         if server.client.alive:
-            return JSONResponse({"status": "ok", "engine_pid": server.client.info.pid})
+            return JSONResponse({"status": "ok", "engine_pid": server.client.info.pid,
+                                 "tp_rank_pids": server.client.info.tp_rank_pids})
         return JSONResponse({"status": "error", "reason": server.client.dead_reason or "engine not running"},
                             status_code=503)
 

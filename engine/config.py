@@ -66,6 +66,11 @@ def compose_config(model_path: str | Path | None = None, dtype: torch.dtype | st
     return cfg
 
 
+def compose_overrides(overrides: list[str]) -> DictConfig:
+    """The root config with Hydra command-line style overrides (`group=choice`, `a.b=value`)."""
+    return _compose(overrides)
+
+
 def _compose(choices: list[str]) -> DictConfig:
     # Hydra keeps one global instance; an enclosing Hydra app (a sweep) must get its own back.
     gh = GlobalHydra.instance()

@@ -46,6 +46,7 @@ class EngineReady:
     max_model_len: int
     vocab_size: int
     stats: dict[str, int]
+    tp_rank_pids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +72,8 @@ def engine_main(cfg_dict: dict[str, Any], extra_eos: list[int], inbox: mp.Queue,
     except Exception as e:  # reported to the parent, which exits with the message
         outbox.put(EngineFailed(f"{type(e).__name__}: {e}"))
         return
-    outbox.put(EngineReady(os.getpid(), engine.max_model_len, engine.model_config.vocab_size, engine.stats()))
+    outbox.put(EngineReady(os.getpid(), engine.max_model_len, engine.model_config.vocab_size, engine.stats(),
+                           [w.pid for w in engine.workers]))
     while True:
         messages = []
         try:
@@ -81,11 +83,14 @@ def engine_main(cfg_dict: dict[str, Any], extra_eos: list[int], inbox: mp.Queue,
                 messages.append(inbox.get_nowait())
         except queue.Empty:
             pass
-        if not messages and not engine.has_unfinished() and os.getppid() != parent:
-            return  # orphaned: the HTTP process is gone
+        if not messages and not engine.has_unfinished():
+            if os.getppid() != parent:
+                return  # orphaned: the HTTP process is gone
+            engine.check_health()  # a dead tensor-parallel rank ends this process, so /health turns red
         outputs: list[StepOutput] = []
         for m in messages:
             if isinstance(m, Shutdown):
+                engine.shutdown()
                 return
             if isinstance(m, AbortRequest):
                 engine.abort_request(m.request_id)
@@ -107,7 +112,8 @@ class EngineClient:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
-        self.process = ctx.Process(target=engine_main, name="engine", daemon=True,
+        # Not a daemon: it starts tensor-parallel ranks of its own. It exits when orphaned (see engine_main).
+        self.process = ctx.Process(target=engine_main, name="engine", daemon=False,
                                    args=(OmegaConf.to_container(cfg, resolve=True), extra_eos,
                                          self.inbox, self.outbox))
         self.info: EngineReady | None = None

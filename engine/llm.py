@@ -40,6 +40,16 @@ class LLM:
         self._lock = threading.RLock()
         self._driver: asyncio.Task | None = None
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel ranks and leave the process group (nothing to do with one rank)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
     # -- inputs --------------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from engine.kv_cache import KVPool, PageAllocator, pages_for_budget
+from engine.kv_cache import PageAllocator, pages_for_budget
 from engine.kv_manager import KVManager
-from engine.model_runner import ModelRunner
-from engine.models.loader import ModelSource, build_model, load_config
+from engine.model_runner import build_runner, kv_heads_per_rank
+from engine.models.loader import ModelSource, load_config
+from engine.parallel import TPGroup, check_divisible, init_distributed
+from engine.tp_worker import ranks_of_node, start_local_ranks
 from engine.outputs import StepOutput
 from engine.sampler import Sampler
 from engine.sampling_params import InvalidParameter, SamplingParams
@@ -61,27 +65,66 @@ class LLMEngine:
         page_size = int(cfg.kv_cache.page_size)
         if page_size < 1:
             raise ValueError(f"invalid kv_cache.page_size={page_size}: must be >= 1")
+        self.tp = TPGroup(0, int(cfg.parallel.tp))
+        if self.tp.size < 1:
+            raise ValueError(f"invalid parallel.tp={self.tp.size}: must be >= 1")
+        check_divisible(mc.intermediate_size, self.tp.size)
+        kv_heads = kv_heads_per_rank(mc, self.tp)  # raises early when tp does not fit the heads
         num_pages = cfg.kv_cache.num_pages
         if not num_pages:
             # The budget, but no more than every running slot filled to the full context could use.
             context = int(cfg.model.max_model_len or mc.max_position_embeddings)
             most = -(-cfg.scheduler.max_running_requests * context // page_size) + 1
-            num_pages = min(pages_for_budget(mc, page_size, cfg.kv_cache.memory_mb, self.dtype), most)
-        self.pool = KVPool(mc, int(num_pages), page_size, self.dtype, self.device)
+            budget = pages_for_budget(mc.num_layers, kv_heads, mc.head_dim, page_size, cfg.kv_cache.memory_mb,
+                                      self.dtype)
+            num_pages = min(budget, most)
+        self.workers = self._start_tp(cfg, int(num_pages)) if self.tp.size > 1 else []
+        self.runner, self.pool = build_runner(cfg, source, mc, int(num_pages), self.dtype, self.device, self.tp)
+        self.model = self.runner.model
         self.allocator = PageAllocator(self.pool.num_pages)
         self.prefix_cache = hydra.utils.instantiate(cfg.cache)(allocator=self.allocator, page_size=page_size)
         self.kv = KVManager(self.allocator, self.prefix_cache, page_size)
         self.scheduler: Scheduler = hydra.utils.instantiate(cfg.scheduler)(kv=self.kv)
-        backend = hydra.utils.instantiate(cfg.attention)(k_cache=self.pool.k, v_cache=self.pool.v,
-                                                         page_size=page_size)
-        self.model = build_model(source, mc, backend, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, backend, page_size, self.device, cfg.compile)
         self.sampler = Sampler(cfg.seed)
         # The longest sequence must fit the pool on its own, so a lone request can always finish.
         self.max_model_len = min(int(cfg.model.max_model_len or mc.max_position_embeddings),
                                  mc.max_position_embeddings, self.allocator.capacity * page_size)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+
+    def _start_tp(self, cfg: DictConfig, num_pages: int) -> list:
+        """Start this node's other ranks and join the process group as rank 0."""
+        p = cfg.parallel
+        if p.master_port is None:
+            with socket.socket() as sock:
+                sock.bind((p.master_addr, 0))
+                port = sock.getsockname()[1]
+            with open_dict(cfg):
+                cfg.parallel.master_port = port
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.tp.size))
+        log.info("tensor parallel: %d ranks, rendezvous %s:%s, kv_cache.num_pages=%d", self.tp.size,
+                 p.master_addr, cfg.parallel.master_port, num_pages)
+        workers = start_local_ranks(cfg, ranks_of_node(cfg, 0)[1:], num_pages)
+        init_distributed(0, self.tp.size, p.master_addr, int(cfg.parallel.master_port), p.backend,
+                         float(p.timeout_s))
+        return workers
+
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel rank has died (a step would fail or hang on it)."""
+        dead = [w.name for w in self.workers if not w.is_alive()]
+        if dead:
+            raise RuntimeError(f"tensor-parallel rank(s) died: {', '.join(dead)}")
+
+    def shutdown(self) -> None:
+        if self.workers and torch.distributed.is_initialized():
+            if all(w.is_alive() for w in self.workers):
+                torch.distributed.broadcast_object_list([None], src=0)
+            torch.distributed.destroy_process_group()
+            for w in self.workers:
+                w.join(timeout=10)
+                if w.is_alive():
+                    w.kill()
+        self.workers = []
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -107,6 +150,8 @@ class LLMEngine:
     # -- stepping ------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        if self.workers:
+            self.check_health()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []

@@ -3,23 +3,50 @@
 Decode-only steps (every row has one new token) go through `torch.compile`; their batch is padded up to
 a bucket so a handful of graphs serve every batch size. Steps carrying prefill chunks run eagerly:
 their shapes vary every step and their time is dominated by large GEMMs anyway.
+
+Under tensor parallelism rank 0 turns the batch into a `StepPlan` (plain tensors), broadcasts it, and
+every rank executes the same plan on its shard of the model.
 """
 from __future__ import annotations
 
 import bisect
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import hydra
 import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
 
-from engine.kv_cache import SCRATCH_PAGE
-from engine.models.transformer import CausalLM
+from engine.kv_cache import SCRATCH_PAGE, KVPool
+from engine.models.loader import ModelSource, build_model
+from engine.models.transformer import CausalLM, ModelConfig
 from engine.outputs import TokenLogprob
+from engine.parallel import TPGroup, shard_heads
 from engine.sampler import top_logprobs
 from engine.scheduler import ScheduledBatch
 from kernels.paged import PagedAttentionBase, PagedBatch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    """Everything a rank needs to run one step; small enough to broadcast."""
+
+    input_ids: torch.Tensor
+    batch: PagedBatch
+    logit_rows: torch.Tensor | None  # hidden rows whose logits are wanted; None: every row (decode)
+    compiled: bool
+
+
+@dataclass
+class _PromptLogprobJob:
+    row: int               # index in the scheduled batch
+    first: int             # logits of positions [first, last) predict prompt tokens first+1 .. last
+    last: int
+    offset: int            # where its logits start in the step's logits
 
 
 class ModelRunner:
@@ -30,6 +57,7 @@ class ModelRunner:
         self.page_size = page_size
         self.device = device
         self.buckets = sorted(compile_cfg.batch_buckets)
+        self.tp = model.tp
         self.compiled = None
         if compile_cfg.enabled:
             if compile_cfg.freezing:
@@ -44,9 +72,9 @@ class ModelRunner:
     def _logits_at_every_token(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
-    # ------------------------------------------------------------------------------------------------
+    # -- planning (rank 0) ---------------------------------------------------------------------------
 
-    def _build(self, batch: ScheduledBatch, pad_rows: int) -> tuple[torch.Tensor, PagedBatch]:
+    def _paged_batch(self, batch: ScheduledBatch, pad_rows: int) -> tuple[torch.Tensor, PagedBatch]:
         ps = self.page_size
         ids: list[int] = []
         positions: list[int] = []
@@ -79,9 +107,7 @@ class ModelRunner:
             pad_index=None if max_q == 1 else torch.tensor(pad_index, dtype=torch.long, device=dev))
         return torch.tensor(ids, dtype=torch.long, device=dev), paged
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
-        """Logits of the rows that sample this step, which rows those are, and prompt logprobs by row."""
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[_PromptLogprobJob]]:
         sampling_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                          if s.num_computed_tokens + n == s.num_tokens]
         if batch.is_decode_only:
@@ -89,20 +115,13 @@ class ModelRunner:
             if self.compiled is not None:
                 b = len(batch.seqs)
                 pad = self.buckets[bisect.bisect_left(self.buckets, b)] - b if b <= self.buckets[-1] else 0
-            ids, paged = self._build(batch, pad)
-            meta = self.backend.prepare(paged)
-            forward = self.compiled or self._logits_at_every_token
-            return forward(ids, paged.positions, meta)[:len(batch.seqs)], sampling_rows, {}
+            ids, paged = self._paged_batch(batch, pad)
+            return StepPlan(ids, paged, None, self.compiled is not None), sampling_rows, []
 
-        ids, paged = self._build(batch, 0)
-        hidden = self.model(ids, paged.positions, self.backend.prepare(paged))
-        ends = torch.tensor(batch.num_new_tokens).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[ends[sampling_rows].to(self.device)])
-        return logits, sampling_rows, self._prompt_logprobs(batch, hidden)
-
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> dict[int, list[TokenLogprob]]:
-        """Logprob of each prompt token given those before it, for rows that asked and are in their prompt."""
-        found: dict[int, list[TokenLogprob]] = {}
+        ids, paged = self._paged_batch(batch, 0)
+        ends = [sum(batch.num_new_tokens[:r + 1]) - 1 for r in range(len(batch.seqs))]
+        rows = [ends[r] for r in sampling_rows]
+        jobs = []
         offset = 0
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
@@ -111,9 +130,59 @@ class ModelRunner:
                 first = max(start, len(seq.prompt_logprobs) - 1)
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if last > first:
-                    h = hidden[offset + first - start: offset + last - start]
-                    targets = torch.tensor(seq.prompt_token_ids[first + 1:last + 1], device=self.device)
-                    logprobs = self.model.compute_logits(h).log_softmax(dim=-1)
-                    found[row] = top_logprobs(logprobs, targets, seq.params.prompt_logprobs)
+                    jobs.append(_PromptLogprobJob(row, first, last, len(rows)))
+                    rows.extend(range(offset + first - start, offset + last - start))
             offset += n
-        return found
+        return StepPlan(ids, paged, torch.tensor(rows, dtype=torch.long, device=self.device), False), \
+            sampling_rows, jobs
+
+    # -- execution (every rank) ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        meta = self.backend.prepare(plan.batch)
+        if plan.logit_rows is None:
+            forward = self.compiled if plan.compiled else self._logits_at_every_token
+            return forward(plan.input_ids, plan.batch.positions, meta)
+        hidden = self.model(plan.input_ids, plan.batch.positions, meta)
+        return self.model.compute_logits(hidden[plan.logit_rows])
+
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
+        """Logits of the rows that sample this step, which rows those are, and prompt logprobs by row."""
+        plan, sampling_rows, jobs = self.plan(batch)
+        if self.tp.size > 1:
+            dist.broadcast_object_list([plan], src=0)
+        logits = self.execute(plan)
+        if plan.logit_rows is None:
+            return logits[:len(batch.seqs)], sampling_rows, {}
+        prompt_logprobs = {}
+        for job in jobs:
+            n = job.last - job.first
+            seq = batch.seqs[job.row]
+            targets = torch.tensor(seq.prompt_token_ids[job.first + 1:job.last + 1], device=logits.device)
+            lp = logits[job.offset:job.offset + n].log_softmax(dim=-1)
+            prompt_logprobs[job.row] = top_logprobs(lp, targets, seq.params.prompt_logprobs)
+        return logits[:len(sampling_rows)], sampling_rows, prompt_logprobs
+
+    def serve_rank(self) -> None:
+        """Loop of a rank > 0: execute whatever rank 0 broadcasts until it sends None."""
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            self.execute(box[0])
+
+
+def kv_heads_per_rank(mc: ModelConfig, tp: TPGroup) -> int:
+    return shard_heads(mc.num_heads, mc.num_kv_heads, tp.size, tp.rank).kv_heads
+
+
+def build_runner(cfg: DictConfig, source: ModelSource, mc: ModelConfig, num_pages: int, dtype: torch.dtype,
+                 device: torch.device, tp: TPGroup) -> tuple[ModelRunner, KVPool]:
+    """This rank's KV pool, attention backend, model shard and runner (identical code on every rank)."""
+    page_size = int(cfg.kv_cache.page_size)
+    pool = KVPool(mc.num_layers, kv_heads_per_rank(mc, tp), mc.head_dim, num_pages, page_size, dtype, device)
+    backend = hydra.utils.instantiate(cfg.attention)(k_cache=pool.k, v_cache=pool.v, page_size=page_size)
+    model = build_model(source, mc, backend, dtype, device, tp)
+    return ModelRunner(model, backend, page_size, device, cfg.compile), pool

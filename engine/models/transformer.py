@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
+
 
 @dataclass
 class ModelConfig:
@@ -127,10 +129,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: Any) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: Any, tp: TPGroup) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.tp = tp
+        shard = shard_heads(cfg.num_heads, cfg.num_kv_heads, tp.size, tp.rank)
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.q_heads, shard.kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # One fused projection: one GEMM instead of three per layer.
@@ -152,27 +156,30 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
         out = self.backend.forward(self.layer_idx, q, k, v, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        check_divisible(cfg.intermediate_size, tp.size)
+        width = cfg.intermediate_size // tp.size
+        self.tp = tp
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: Any) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: Any, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, backend)
+        self.self_attn = Attention(cfg, layer_idx, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: Any) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta)
@@ -180,14 +187,17 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: Any) -> None:
+    def __init__(self, cfg: ModelConfig, backend: Any, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tp = tp
+        # Under tensor parallelism each rank holds one slice of the (padded) vocabulary.
+        self.vocab_start, vocab_rows = vocab_shard(cfg.vocab_size, tp.size, tp.rank)
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -197,10 +207,17 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows you need."""
-        x = self.embed_tokens(input_ids)
+        if self.tp.size == 1:
+            x = self.embed_tokens(input_ids)
+        else:
+            local = input_ids - self.vocab_start
+            mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+            x = self.embed_tokens(torch.where(mine, local, 0)) * mine.unsqueeze(-1).to(self.embed_tokens.weight.dtype)
+            x = self.tp.all_reduce(x)
         for layer in self.layers:
             x = layer(x, positions, self.rope, meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        logits = self.tp.all_gather_last_dim(self.lm_head(self.norm(hidden)))
+        return logits[:, :self.config.vocab_size].float()
