@@ -219,5 +219,8 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(self.lm_head(self.norm(hidden)))
+        # W @ h.T rather than F.linear: for the tall vocab matrix oneDNN picks a far better fp32 kernel
+        # this way (measured 15 vs 31 ms at 8 rows on 2 cores).
+        local = torch.mm(self.lm_head.weight, self.norm(hidden).T).T
+        logits = self.tp.all_gather_last_dim(local)
         return logits[:, :self.config.vocab_size].float()

