@@ -1,0 +1,83 @@
+"""Roofline report: this machine's read bandwidth, the decode-step floor (weight bytes / bandwidth), and the
+measured decode step at each batch size.
+
+    python experiments/roofline.py
+    python experiments/roofline.py dtype=float32 compile.enabled=false
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from workloads import record, resolve_bench_model  # noqa: E402
+
+log = logging.getLogger("roofline")
+
+
+def read_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
+    """GB/s of a GEMV over a matrix much larger than the caches: reading weights is what decode does."""
+    w = torch.randn(megabytes * 2**20 // 4 // 1024, 1024)
+    x = torch.randn(1024, 1)
+    torch.mm(w, x)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(w, x)
+    return w.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
+    from engine import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    prompts = [[100 + i] + [200] * (context - 1) for i in range(batch)]
+    times = []
+    original = eng.runner.run
+
+    def timed(b):
+        t = time.perf_counter()
+        out = original(b)
+        if b.is_decode_only and len(b.seqs) == batch:
+            times.append(time.perf_counter() - t)
+        return out
+
+    eng.runner.run = timed
+    try:
+        llm.generate_outputs(prompts, params, use_tqdm=False)
+    finally:
+        eng.runner.run = original
+        eng.prefix_cache.reset()
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+@hydra.main(config_path="../configs", config_name="roofline", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from engine import LLM
+
+    resolve_bench_model(cfg)
+    b = cfg.bench
+    llm = LLM(config=cfg)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.engine.model.parameters()}.values())
+    bw = read_bandwidth_gbs(b.bandwidth_mb)
+    floor_ms = weight_bytes / (bw * 1e9) * 1000
+    log.info("weights %.0f MB (%s), read bandwidth %.1f GB/s -> decode floor %.1f ms/step",
+             weight_bytes / 2**20, cfg.dtype, bw, floor_ms)
+    decode_step_ms(llm, 1, b.context_len, 4)  # warm-up / compile
+    for batch in b.batch_sizes:
+        ms = decode_step_ms(llm, batch, b.context_len, b.steps)
+        log.info("batch %3d: %.1f ms/step = %.2fx floor, %.1f tok/s", batch, ms, ms / floor_ms, batch * 1000 / ms)
+        record({"batch": batch, "step_ms": round(ms, 1), "floor_ms": round(floor_ms, 1),
+                "x_floor": round(ms / floor_ms, 2), "tokens_per_s": round(batch * 1000 / ms, 1),
+                "bandwidth_gbs": round(bw, 1), "loadavg": os.getloadavg()[0]}, cfg)
+
+
+if __name__ == "__main__":
+    main()
