@@ -95,7 +95,7 @@ def plot(out: Path, metric: str, title: str) -> Path:
     ax.set_ylabel(metric)
     ax.set_title(title)
     for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     path = out / f"{metric}.png"
     fig.savefig(path, dpi=100)
