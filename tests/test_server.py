@@ -30,9 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, tmp: Path, *extra: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path | None, tmp: Path, *extra: str, port: int | None = None
+                 ) -> tuple[subprocess.Popen, str]:
+    """`python server.py` on a free port; model_dir None serves the embedded default model."""
     port = port or free_port()
-    cmd = [sys.executable, "server.py", f"model.path={model_dir}", f"model.served_model_name={MODEL}",
+    model = [] if model_dir is None else [f"model.path={model_dir}"]
+    cmd = [sys.executable, "server.py", *model, f"model.served_model_name={MODEL}",
            "dtype=float32", "compile.enabled=false", f"server.port={port}", f"hydra.run.dir={tmp}", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, f"http://127.0.0.1:{port}"

@@ -41,14 +41,24 @@ def test_tp2_tiny_qwen3_matches_one_rank(tiny_qwen3):
 
 
 @pytest.mark.slow
-def test_tp3_smollm2_matches_one_rank():
+def test_tp3_smollm2_matches_one_rank_in_api_and_server(tmp_path):
     single = LLM(**KW)
     prompts = [single.encode(p) for p in PROMPTS]
     expected = greedy_ids(single, prompts)
+    texts = single.generate(PROMPTS[:4], max_tokens=10, temperature=0)
     del single
     with LLM(**KW, **{"parallel.tp": 3}) as llm:  # 9 heads, 3 KV heads: one KV head per rank
         assert llm.engine.model.layers[0].self_attn.num_kv_heads == 1
         assert greedy_ids(llm, prompts) == expected
+    proc, url = start_server(None, tmp_path, "parallel.tp=3")
+    try:
+        wait_ready(proc, url, timeout=300)
+        assert len(httpx.get(f"{url}/health").json()["tp_rank_pids"]) == 2
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        resp = client.completions.create(model=MODEL, prompt=PROMPTS[:4], max_tokens=10, temperature=0)
+        assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == texts
+    finally:
+        stop(proc)
 
 
 def test_tp_that_does_not_divide_the_heads_is_refused(tiny_qwen3, tmp_path):

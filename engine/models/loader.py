@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -164,15 +164,21 @@ _GGUF_NAMES = {
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, fp32-or-native tensor) pairs, whatever the file format."""
+# Reads this rank's part of one checkpoint tensor: part[0] indexes rows, part[1:] the other dims.
+PartReader = Callable[[tuple[slice, ...]], torch.Tensor]
+
+
+def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
+    """(HF name, reader of a part of it) pairs, whatever the file format. Readers touch only the rows
+    asked for where the format allows, so a tensor-parallel rank does not materialise whole matrices."""
     if not src.is_gguf:
         from safetensors import safe_open
 
         for file in sorted(src.path.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_slice(name)
+                    yield name, lambda part, tensor=tensor: tensor[part[:len(tensor.get_shape())]]
         return
     import gguf
 
@@ -187,11 +193,16 @@ def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, t
             name = f"{_GGUF_TOP[stem]}.{kind}"
         else:
             continue
-        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
-        if cfg.architecture == "llama" and stem.endswith(("attn_q", "attn_k")):
-            heads = cfg.num_heads if stem.endswith("attn_q") else cfg.num_kv_heads
-            w = _undo_llama_cpp_permute(w, heads)
-        yield name, w
+        permuted = cfg.architecture == "llama" and stem.endswith(("attn_q", "attn_k"))
+
+        def read(part: tuple[slice, ...], t=t, permuted=permuted) -> torch.Tensor:
+            # Quantized blocks run along a row, so whole rows dequantize on their own.
+            w = torch.from_numpy(gguf.dequantize(t.data[part[0]], t.tensor_type).copy())
+            if permuted:  # rows are sliced by whole heads, and the permutation stays inside a head
+                w = _undo_llama_cpp_permute(w, w.shape[0] // cfg.head_dim)
+            return w[(slice(None),) + part[1:w.dim()]]
+
+        yield name, read
 
 
 def _undo_llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -236,7 +247,7 @@ def _placement(name: str, cfg: ModelConfig, tp: TPGroup) -> tuple[str, slice | N
 def load_weights(model: CausalLM, src: ModelSource) -> None:
     params = dict(model.named_parameters())
     seen: set[str] = set()
-    for name, tensor in iter_checkpoint(src, model.config):
+    for name, read in iter_checkpoint(src, model.config):
         place = _placement(name, model.config, model.tp)
         if place is None:
             continue
@@ -244,7 +255,7 @@ def load_weights(model: CausalLM, src: ModelSource) -> None:
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the {model.config.architecture} model")
         dest = params[target].data if rows is None else params[target].data[rows]
-        tensor = tensor[part[:tensor.dim()]]
+        tensor = read(part)
         if dest.shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} for this rank, "
                              f"expected {tuple(dest.shape)}")
