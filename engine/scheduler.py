@@ -26,10 +26,6 @@ class ScheduledBatch:
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.num_new_tokens)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
 
 class Scheduler:
     def __init__(self, kv: KVManager, policy: str = "fcfs", max_running_requests: int = 64,
