@@ -18,7 +18,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from engine.outputs import StepOutput
-from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

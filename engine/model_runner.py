@@ -10,6 +10,7 @@ every rank executes the same plan on its shard of the model.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +120,7 @@ class ModelRunner:
             return StepPlan(ids, paged, None, self.compiled is not None), sampling_rows, []
 
         ids, paged = self._paged_batch(batch, 0)
-        ends = [sum(batch.num_new_tokens[:r + 1]) - 1 for r in range(len(batch.seqs))]
+        ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
         rows = [ends[r] for r in sampling_rows]
         jobs = []
         offset = 0
