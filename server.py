@@ -363,7 +363,7 @@ def serve(cfg: DictConfig) -> None:
         client.shutdown()
 
 
-@hydra.main(config_path="configs", config_name="config", version_base=None)
+@hydra.main(config_path="configs", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         serve(cfg)

@@ -23,13 +23,13 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """`LLM(model_path=None, dtype=torch.bfloat16, **overrides)`; no path means the embedded SmolLM2.
+    """`LLM(model_path=None, dtype="auto", **overrides)`; no path means the embedded SmolLM2.
 
     Overrides take config group choices (`scheduler="lpm"`, `cache="none"`, `attention="flex"`) and
     values (`page_size=16`, `max_num_batched_tokens=256`, `enforce_eager=True`, `**{"compile.mode": ...}`).
     """
 
-    def __init__(self, model_path: str | None = None, dtype: torch.dtype | str = torch.bfloat16, *,
+    def __init__(self, model_path: str | None = None, dtype: torch.dtype | str = "auto", *,
                  config: DictConfig | None = None, **overrides: Any) -> None:
         self.config = config if config is not None else compose_config(model_path, dtype, **overrides)
         source = resolve_model(self.config.model.path)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +62,37 @@ class ModelRunner:
         self.buckets = sorted(compile_cfg.batch_buckets)
         self.tp = model.tp
         self.compiled = None
+        self.compiled_ready = threading.Event()  # decode uses the compiled graphs only once set
         if compile_cfg.enabled:
-            if compile_cfg.freezing:
-                torch._inductor.config.freezing = True
             # Bucketed batch sizes and the growing context length would each cost a recompile under
             # static shapes; dynamic shapes serve them with one graph (plus size-1 specialisations).
             # Backends that cannot be traced symbolically get one static graph per (bucket, width).
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(self._logits_at_every_token, mode=compile_cfg.mode,
+            self.compiled = torch.compile(self._logits_at_every_token, **compile_options(compile_cfg, device),
                                           dynamic=True if backend.supports_dynamic_shapes else False)
+            if compile_cfg.warmup == "lazy" or self.tp.size > 1:
+                # Under tensor parallelism every rank must compile in the same step (the graphs hold
+                # collectives), so ranks compile when rank 0's first compiled plan arrives.
+                self.compiled_ready.set()
+            elif compile_cfg.warmup == "background":
+                threading.Thread(target=self.warm_up, name="compile-warmup", daemon=True).start()
+            else:
+                raise ValueError(f"invalid compile.warmup={compile_cfg.warmup!r}: expected lazy or background")
+
+    def warm_up(self) -> None:
+        """Build the decode graphs (batch 1, and the dynamic one for the other buckets) on rows that touch
+        only the scratch page, then let decode steps use them. Runs on its own thread while steps run
+        eagerly, so a server answers within seconds instead of after minutes of compilation."""
+        start = time.perf_counter()
+        for b in sorted({1, min(self.buckets[-1], 8)}):
+            zeros = torch.zeros(b, dtype=torch.long, device=self.device)
+            table = torch.full((b, 2), SCRATCH_PAGE, dtype=torch.long, device=self.device)
+            batch = PagedBatch(positions=zeros, slot_mapping=zeros, page_table=table, seq_lens=zeros + 1,
+                               max_query_len=1, pad_index=None)
+            with torch.inference_mode():
+                self.compiled(zeros, zeros, self.backend.prepare(batch))
+        self.compiled_ready.set()
+        log.info("decode graphs compiled in %.0f s; decode steps now run compiled", time.perf_counter() - start)
 
     def _logits_at_every_token(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
@@ -91,8 +115,7 @@ class ModelRunner:
         ids += [0] * pad_rows
         positions += [0] * pad_rows
         seq_lens += [1] * pad_rows
-        width = max(2, max(len(s.pages) for s in batch.seqs))  # >= 2 keeps dynamic shapes off the size-1 path
-        width = 1 << (width - 1).bit_length()  # power of two: fewer distinct shapes to compile for
+        width = self.backend.padded_pages(max(len(s.pages) for s in batch.seqs))
         table = [s.pages + [SCRATCH_PAGE] * (width - len(s.pages)) for s in batch.seqs]
         table += [[SCRATCH_PAGE] * width] * pad_rows
 
@@ -113,11 +136,12 @@ class ModelRunner:
                          if s.num_computed_tokens + n == s.num_tokens]
         if batch.is_decode_only:
             pad = 0
-            if self.compiled is not None:
+            compiled = self.compiled is not None and self.compiled_ready.is_set()
+            if compiled:
                 b = len(batch.seqs)
                 pad = self.buckets[bisect.bisect_left(self.buckets, b)] - b if b <= self.buckets[-1] else 0
             ids, paged = self._paged_batch(batch, pad)
-            return StepPlan(ids, paged, None, self.compiled is not None), sampling_rows, []
+            return StepPlan(ids, paged, None, compiled), sampling_rows, []
 
         ids, paged = self._paged_batch(batch, 0)
         ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
@@ -173,6 +197,18 @@ class ModelRunner:
             if box[0] is None:
                 return
             self.execute(box[0])
+
+
+def compile_options(compile_cfg: Any, device: torch.device) -> dict[str, Any]:
+    """torch.compile's `mode` or `options` for the configured mode on this device."""
+    if compile_cfg.mode != "auto":
+        return {"mode": compile_cfg.mode}
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}
+    options = dict(compile_cfg.cpu)
+    # Inductor reads `freezing` before it applies per-call options, so it only works set globally.
+    torch._inductor.config.freezing = bool(options.pop("freezing", False))
+    return {"options": options}
 
 
 def kv_heads_per_rank(mc: ModelConfig, tp: TPGroup) -> int:

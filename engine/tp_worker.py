@@ -49,7 +49,7 @@ def worker_main(cfg_dict: dict[str, Any], rank: int, num_pages: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(p.tp)))
     init_distributed(rank, int(p.tp), p.master_addr, int(p.master_port), p.backend, float(p.timeout_s))
     source = resolve_model(cfg.model.path)
-    runner, _ = build_runner(cfg, source, load_config(source), num_pages, parse_dtype(cfg.dtype),
+    runner, _ = build_runner(cfg, source, load_config(source), num_pages, parse_dtype(cfg.dtype, cfg.device),
                              torch.device(cfg.device), TPGroup(rank, int(p.tp)))
     try:
         runner.serve_rank()

@@ -67,7 +67,10 @@ def record(result: dict[str, Any], cfg: DictConfig) -> Path:
     """Append one result to results.jsonl (and a CSV) in the results directory; returns the directory."""
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
-    row = {**choices(), "dtype": cfg.dtype, "compile": cfg.compile.enabled, **result}
+    from engine.llm_engine import parse_dtype
+
+    dtype = str(parse_dtype(cfg.dtype, cfg.device)).removeprefix("torch.")
+    row = {**choices(), "dtype": dtype, "compile": cfg.compile.enabled, **result}
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in open(out / "results.jsonl")]

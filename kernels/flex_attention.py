@@ -37,6 +37,9 @@ class FlexPagedAttention(PagedAttentionBase):
     def padded_query_len(self, longest: int) -> int:
         return 1 if longest == 1 else 1 << (longest - 1).bit_length()
 
+    def padded_pages(self, pages: int) -> int:
+        return 1 << (super().padded_pages(pages) - 1).bit_length()
+
     def _span(self, page_table: torch.Tensor) -> int:
         """Pages [0, span) cover every page of this step. The allocator hands out low pages first, so
         attending over this span instead of the whole pool keeps the work proportional to what is used;

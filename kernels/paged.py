@@ -35,6 +35,11 @@ class PagedAttentionBase:
         """Row length L for a step whose longest query has `longest` tokens."""
         return longest
 
+    def padded_pages(self, pages: int) -> int:
+        """Page-table width for a step whose longest row has `pages` pages. At least 2 keeps dynamic
+        shapes off the size-1 specialisation; backends compiled with static shapes round further."""
+        return max(2, pages)
+
     def prepare(self, batch: PagedBatch) -> Any:
         """Per-step metadata shared by all layers (built once, outside the per-layer loop)."""
         raise NotImplementedError

@@ -2,13 +2,15 @@
 
 Each row's pages are gathered into a contiguous [B, Hkv, P*page_size, D] view of its context; a
 boolean mask (position <= query position) covers causality, padding and stale slots at once. GQA is
-left to SDPA (`enable_gqa`), which measured ~15x faster here than repeating K/V heads.
+left to SDPA (`enable_gqa`), which measured ~15x faster here than repeating K/V heads. Compiled
+decode steps (one query per row) skip the gather and use `paged_decode_attention` instead.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels.decode_attention import paged_decode_attention
 from kernels.paged import PagedAttentionBase, PagedBatch
 
 
@@ -30,6 +32,9 @@ class SDPAAttention(PagedAttentionBase):
                 meta: tuple[PagedBatch, torch.Tensor]) -> torch.Tensor:
         batch, mask = meta
         self.write_kv(layer, k, v, batch.slot_mapping)
+        if batch.pad_index is None and torch.compiler.is_compiling():
+            return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table,
+                                          batch.positions)
         keys = self._gather(self.k_cache[layer], batch.page_table)
         values = self._gather(self.v_cache[layer], batch.page_table)
         out = F.scaled_dot_product_attention(self.pad_queries(q, batch), keys.to(q.dtype), values.to(q.dtype),

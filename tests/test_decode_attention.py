@@ -1,0 +1,67 @@
+"""The compiled decode path's attention against SDPA over the gathered context, and background compilation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PROMPTS, hf_greedy, trim_at_eos
+from engine import LLM, SamplingParams
+from kernels.decode_attention import paged_decode_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_matches_sdpa(dtype):
+    torch.manual_seed(0)
+    b, kv_heads, group, dim, page_size, num_pages, width = 5, 2, 3, 16, 4, 40, 6
+    k_cache = torch.randn(num_pages, page_size, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(num_pages, page_size, kv_heads, dim).to(dtype)
+    # Scattered pages, rows of different lengths (one a single token), table padded with page 0.
+    lengths = [1, 5, 13, 24, 17]
+    table = torch.zeros(b, width, dtype=torch.long)
+    perm = torch.randperm(num_pages - 1) + 1
+    used = 0
+    for row, n in enumerate(lengths):
+        pages = -(-n // page_size)
+        table[row, :pages] = perm[used:used + pages]
+        used += pages
+    positions = torch.tensor(lengths) - 1
+    q = torch.randn(b, kv_heads * group, dim).to(dtype)
+
+    got = paged_decode_attention(q, k_cache, v_cache, table, positions)
+
+    keys = k_cache[table].reshape(b, width * page_size, kv_heads, dim).transpose(1, 2)
+    values = v_cache[table].reshape(b, width * page_size, kv_heads, dim).transpose(1, 2)
+    mask = (torch.arange(width * page_size) <= positions.view(-1, 1)).view(b, 1, 1, -1)
+    want = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys.float(), values.float(), attn_mask=mask,
+                                          enable_gqa=True).squeeze(2)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tol), (got.float() - want).abs().max()
+
+
+@pytest.mark.slow
+def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer):
+    ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
+    expected = hf_greedy(hf_tiny_qwen3, ids, 8)
+    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, **{"compile.warmup": "background"})
+    runner = llm.engine.runner
+    compiled_plans = []
+    plan = runner.plan
+
+    def spy(batch):
+        out = plan(batch)
+        compiled_plans.append(out[0].compiled)
+        return out
+
+    runner.plan = spy
+    params = SamplingParams(max_tokens=8, temperature=0)
+    eos = llm.engine.eos_token_ids
+    want = [trim_at_eos(e, eos) for e in expected]
+    # Right after start the graphs are still compiling: requests are answered, eagerly.
+    assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
+    assert runner.compiled_ready.wait(timeout=600), "the background compilation never finished"
+    compiled_plans.clear()
+    llm.engine.prefix_cache.reset()
+    assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
+    assert any(compiled_plans), "decode steps should run the compiled graphs once they are ready"
