@@ -46,6 +46,8 @@ class Metrics:
         self.kv_used = Gauge("engine_kv_pages_used", "KV pages held by running sequences", registry=r)
         self.kv_free = Gauge("engine_kv_pages_free", "KV pages free or evictable from the prefix cache", registry=r)
         self.kv_cached = Gauge("engine_kv_pages_cached", "KV pages held by the prefix cache", registry=r)
+        self.decode_compiled = Gauge("engine_decode_compiled", "1 once decode steps run the compiled graphs",
+                                     registry=r)
         self.requests = Counter("engine_requests", "Requests received", registry=r)
         self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated = Counter("engine_generation_tokens", "Tokens generated", registry=r)
@@ -62,6 +64,7 @@ class Metrics:
         self.kv_free.set(free)
         self.kv_used.set(stats["kv_pages_total"] - free)
         self.kv_cached.set(stats["kv_pages_cached"])
+        self.decode_compiled.set(stats["decode_compiled"])
 
 
 class Server:

@@ -214,4 +214,5 @@ class LLMEngine:
             "kv_pages_cached": self.prefix_cache.total_pages,
             "kv_pages_evictable": self.prefix_cache.evictable_pages,
             "preemptions": self.scheduler.num_preemptions,
+            "decode_compiled": int(self.runner.compiled is not None and self.runner.compiled_ready.is_set()),
         }

@@ -60,6 +60,9 @@ class ModelRunner:
         self.page_size = page_size
         self.device = device
         self.buckets = sorted(compile_cfg.batch_buckets)
+        # Padding to a bucket bounds the number of graphs where each batch size would need its own
+        # (static shapes, CUDA graphs); a dynamic-shape CPU graph serves any size, so padding only costs.
+        self.pad_to_buckets = device.type == "cuda" or not backend.supports_dynamic_shapes
         self.tp = model.tp
         self.compiled = None
         self.compiled_ready = threading.Event()  # decode uses the compiled graphs only once set
@@ -80,17 +83,21 @@ class ModelRunner:
                 raise ValueError(f"invalid compile.warmup={compile_cfg.warmup!r}: expected lazy or background")
 
     def warm_up(self) -> None:
-        """Build the decode graphs (batch 1, and the dynamic one for the other buckets) on rows that touch
+        """Build the decode graphs (the smallest bucket, and the dynamic one for the others) on rows that touch
         only the scratch page, then let decode steps use them. Runs on its own thread while steps run
         eagerly, so a server answers within seconds instead of after minutes of compilation."""
         start = time.perf_counter()
-        for b in sorted({1, min(self.buckets[-1], 8)}):
-            zeros = torch.zeros(b, dtype=torch.long, device=self.device)
-            table = torch.full((b, 2), SCRATCH_PAGE, dtype=torch.long, device=self.device)
-            batch = PagedBatch(positions=zeros, slot_mapping=zeros, page_table=table, seq_lens=zeros + 1,
-                               max_query_len=1, pad_index=None)
-            with torch.inference_mode():
-                self.compiled(zeros, zeros, self.backend.prepare(batch))
+        try:
+            for b in sorted({self.buckets[0], min(self.buckets[-1], 8)}):
+                zeros = torch.zeros(b, dtype=torch.long, device=self.device)
+                table = torch.full((b, 2), SCRATCH_PAGE, dtype=torch.long, device=self.device)
+                batch = PagedBatch(positions=zeros, slot_mapping=zeros, page_table=table, seq_lens=zeros + 1,
+                                   max_query_len=1, pad_index=None)
+                with torch.inference_mode():
+                    self.compiled(zeros, zeros, self.backend.prepare(batch))
+        except Exception:
+            log.exception("compiling the decode graphs failed; decode steps stay eager")
+            return
         self.compiled_ready.set()
         log.info("decode graphs compiled in %.0f s; decode steps now run compiled", time.perf_counter() - start)
 
@@ -137,7 +144,7 @@ class ModelRunner:
         if batch.is_decode_only:
             pad = 0
             compiled = self.compiled is not None and self.compiled_ready.is_set()
-            if compiled:
+            if compiled and self.pad_to_buckets:
                 b = len(batch.seqs)
                 pad = self.buckets[bisect.bisect_left(self.buckets, b)] - b if b <= self.buckets[-1] else 0
             ids, paged = self._paged_batch(batch, pad)

@@ -44,7 +44,10 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
     from engine import SamplingParams
 
     eng = llm.engine
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    # Prefill is chunked by the token budget: the first rows decode while later ones still prefill, so
+    # they must run long enough for `steps` steps with every row decoding.
+    prefill_steps = -(-batch * context // int(eng.cfg.scheduler.max_num_batched_tokens))
+    params = SamplingParams(max_tokens=steps + prefill_steps + 2, temperature=0, ignore_eos=True)
     prompts = [[100 + i] + [200] * (context - 1) for i in range(batch)]
     times = []
     original = eng.runner.run
@@ -62,6 +65,9 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
     finally:
         eng.runner.run = original
         eng.prefix_cache.reset()
+    if not times:
+        raise RuntimeError(f"no decode step ran all {batch} rows at once: raise scheduler.max_running_requests "
+                           "or kv_cache.memory_mb")
     times.sort()
     return 1000 * times[len(times) // 2]
 

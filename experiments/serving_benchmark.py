@@ -39,13 +39,17 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99": pick(0.99) * 1000}
 
 
-def start_server(cfg: DictConfig) -> tuple[subprocess.Popen, str]:
+def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subprocess.Popen, str]:
+    """`python server.py` with this run's overrides on a free port, once healthy. `warmup` overrides
+    compile.warmup unless the run sets it (lazy: the benchmark's warm-up requests wait for compilation)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     hc = hydra.core.hydra_config.HydraConfig.get()
     overrides = [o for o in hc.overrides.task if not o.startswith("bench.")]
     cmd = [sys.executable, "server.py", *overrides, f"server.port={port}", f"hydra.run.dir={hc.runtime.output_dir}/server"]
+    if warmup and not any(o.startswith("compile.warmup=") for o in overrides):
+        cmd.append(f"compile.warmup={warmup}")
     if cfg.model.path and not any(o.startswith("model.path=") for o in overrides):
         cmd.append(f"model.path={cfg.model.path}")
     proc = subprocess.Popen(cmd, cwd=ROOT)

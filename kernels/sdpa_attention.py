@@ -14,12 +14,44 @@ from kernels.decode_attention import paged_decode_attention
 from kernels.paged import PagedAttentionBase, PagedBatch
 
 
+# (indices of the group's tokens in the flattened step, or None for all; its sub-batch; its mask)
+Group = tuple[torch.Tensor | None, PagedBatch, torch.Tensor]
+
+
 class SDPAAttention(PagedAttentionBase):
-    def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, torch.Tensor]:
+    def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, list[Group]]:
+        """The batch and its padding groups. A mixed step puts prefill chunks and single-token decode rows
+        in separate SDPA calls: padded together, every decode row would carry a whole chunk of padded
+        queries (that made a 512-token step with 47 decode rows 2x slower)."""
+        rows = None if batch.pad_index is None else batch.pad_index // batch.max_query_len
+        query_lens = None if rows is None else torch.bincount(rows, minlength=batch.batch_size)
+        if query_lens is None or bool((query_lens > 1).all()):
+            return batch, [(None, batch, self._mask(batch))]
+        groups = []
+        for members in (query_lens > 1, query_lens == 1):
+            (row_ids,) = members.nonzero(as_tuple=True)
+            if len(row_ids) == 0:
+                continue
+            tokens = members[rows].nonzero(as_tuple=True)[0]
+            lens = query_lens[row_ids]
+            longest = int(lens.max())
+            pages = -(-int(batch.seq_lens[row_ids].max()) // self.page_size)
+            starts = torch.cumsum(lens, 0) - lens
+            offset = torch.arange(len(tokens), device=tokens.device) - torch.repeat_interleave(starts, lens)
+            sub = PagedBatch(
+                positions=batch.positions[tokens], slot_mapping=batch.slot_mapping[tokens],
+                page_table=batch.page_table[row_ids, :self.padded_pages(pages)], seq_lens=batch.seq_lens[row_ids],
+                max_query_len=longest,
+                pad_index=None if longest == 1 else torch.repeat_interleave(
+                    torch.arange(len(row_ids), device=tokens.device) * longest, lens) + offset)
+            groups.append((tokens, sub, self._mask(sub)))
+        return batch, groups
+
+    def _mask(self, batch: PagedBatch) -> torch.Tensor:
+        """[B, 1, L, S]: a slot is visible up to the query's own position (causality, padding, stale slots)."""
         context = batch.page_table.shape[1] * self.page_size
         kv_pos = torch.arange(context, device=batch.positions.device)
-        mask = kv_pos.view(1, 1, -1) <= self.query_positions(batch).unsqueeze(-1)  # [B, L, S]
-        return batch, mask.unsqueeze(1)
+        return (kv_pos.view(1, 1, -1) <= self.query_positions(batch).unsqueeze(-1)).unsqueeze(1)
 
     def _gather(self, cache: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, P*page_size, D] context of each row. index_select over whole pages measured ~6x
@@ -29,12 +61,21 @@ class SDPAAttention(PagedAttentionBase):
         return rows.view(b, pages * self.page_size, *cache.shape[2:]).transpose(1, 2)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: tuple[PagedBatch, torch.Tensor]) -> torch.Tensor:
-        batch, mask = meta
+                meta: tuple[PagedBatch, list[Group]]) -> torch.Tensor:
+        batch, groups = meta
         self.write_kv(layer, k, v, batch.slot_mapping)
-        if batch.pad_index is None and torch.compiler.is_compiling():
-            return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table,
-                                          batch.positions)
+        if groups[0][0] is None:
+            mask = groups[0][2]
+            if batch.pad_index is None and torch.compiler.is_compiling():
+                return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table,
+                                              batch.positions)
+            return self._attend(layer, q, batch, mask)
+        out = torch.empty_like(q)
+        for tokens, sub, mask in groups:
+            out.index_copy_(0, tokens, self._attend(layer, q.index_select(0, tokens), sub, mask))
+        return out
+
+    def _attend(self, layer: int, q: torch.Tensor, batch: PagedBatch, mask: torch.Tensor) -> torch.Tensor:
         keys = self._gather(self.k_cache[layer], batch.page_table)
         values = self._gather(self.v_cache[layer], batch.page_table)
         out = F.scaled_dot_product_attention(self.pad_queries(q, batch), keys.to(q.dtype), values.to(q.dtype),

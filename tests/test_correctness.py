@@ -82,12 +82,21 @@ def test_logprobs_match_transformers(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer):
 
 
 def test_bf16_runs_close_to_fp32(tiny_qwen3, qwen_tokenizer):
-    """bf16 is the default dtype; it cannot be token-exact, but must agree on the first tokens."""
+    """bf16 (the `auto` dtype where the hardware has it) cannot be token-exact, but must agree on the
+    first tokens."""
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS[:4]]
     f32 = LLM(str(tiny_qwen3), dtype=torch.float32, enforce_eager=True, progress_bar=False)
-    b16 = LLM(str(tiny_qwen3), enforce_eager=True, progress_bar=False)
+    b16 = LLM(str(tiny_qwen3), dtype="bfloat16", enforce_eager=True, progress_bar=False)
     assert b16.engine.model.embed_tokens.weight.dtype == torch.bfloat16
     a = f32.generate_outputs(ids, max_tokens=2, temperature=0)
     b = b16.generate_outputs(ids, max_tokens=2, temperature=0)
     agree = sum(x.outputs[0].token_ids[0] == y.outputs[0].token_ids[0] for x, y in zip(a, b))
     assert agree >= 3
+
+
+def test_auto_dtype_follows_the_hardware(tiny_qwen3):
+    llm = LLM(str(tiny_qwen3), enforce_eager=True, progress_bar=False)  # dtype="auto"
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert llm.engine.model.embed_tokens.weight.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    with pytest.raises(ValueError, match="auto"):
+        LLM(str(tiny_qwen3), dtype="float8", enforce_eager=True, progress_bar=False)

@@ -244,6 +244,7 @@ def test_client_disconnect_aborts_and_frees_kv(server):
         # leaving the block closes the connection mid-stream
     wait_idle(server)
     assert metric(server, "engine_generation_tokens_total") > 0
+    assert metric(server, "engine_decode_compiled") == 0  # this server runs with compile.enabled=false
 
 
 def test_api_key_and_engine_death(tiny_qwen3, tmp_path):
