@@ -66,6 +66,8 @@ class SDPAAttention(PagedAttentionBase):
         self.write_kv(layer, k, v, batch.slot_mapping)
         if groups[0][0] is None:
             mask = groups[0][2]
+            # The flag is process-wide: eager steps running while another thread compiles (background
+            # warm-up) take this path too, slower but with the same result.
             if batch.pad_index is None and torch.compiler.is_compiling():
                 return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table,
                                               batch.positions)
