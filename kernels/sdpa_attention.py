@@ -33,17 +33,15 @@ class SDPAAttention(PagedAttentionBase):
             if len(row_ids) == 0:
                 continue
             tokens = members[rows].nonzero(as_tuple=True)[0]
-            lens = query_lens[row_ids]
-            longest = int(lens.max())
+            longest = int(query_lens[row_ids].max())
             pages = -(-int(batch.seq_lens[row_ids].max()) // self.page_size)
-            starts = torch.cumsum(lens, 0) - lens
-            offset = torch.arange(len(tokens), device=tokens.device) - torch.repeat_interleave(starts, lens)
+            # A token keeps its offset in its row; its row moves to its rank among the group's rows.
+            rank = members.cumsum(0) - 1
+            pad_index = rank[rows[tokens]] * longest + batch.pad_index[tokens] % batch.max_query_len
             sub = PagedBatch(
                 positions=batch.positions[tokens], slot_mapping=batch.slot_mapping[tokens],
                 page_table=batch.page_table[row_ids, :self.padded_pages(pages)], seq_lens=batch.seq_lens[row_ids],
-                max_query_len=longest,
-                pad_index=None if longest == 1 else torch.repeat_interleave(
-                    torch.arange(len(row_ids), device=tokens.device) * longest, lens) + offset)
+                max_query_len=longest, pad_index=None if longest == 1 else pad_index)
             groups.append((tokens, sub, self._mask(sub)))
         return batch, groups
 
