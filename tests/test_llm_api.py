@@ -137,6 +137,8 @@ def test_bad_configuration_is_reported(tiny_qwen3, tmp_path):
         LLM(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="dtype"):
         LLM(str(tiny_qwen3), dtype="int3")
+    with pytest.raises(ValueError, match="compile.warmup='soon'"):
+        LLM(str(tiny_qwen3), **{"compile.warmup": "soon"})
 
 
 def test_chat_template_kwargs_reach_the_template(llm):
