@@ -73,14 +73,16 @@ class ModelRunner:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled = torch.compile(self._logits_at_every_token, **compile_options(compile_cfg, device),
                                           dynamic=True if backend.supports_dynamic_shapes else False)
-            if compile_cfg.warmup == "lazy" or self.tp.size > 1:
-                # Under tensor parallelism every rank must compile in the same step (the graphs hold
-                # collectives), so ranks compile when rank 0's first compiled plan arrives.
-                self.compiled_ready.set()
-            elif compile_cfg.warmup == "background":
+            if compile_cfg.warmup not in ("lazy", "background"):
+                raise ValueError(f"invalid compile.warmup={compile_cfg.warmup!r}: expected lazy or background")
+            # Under tensor parallelism every rank must compile in the same step (the graphs hold
+            # collectives), so ranks compile when rank 0's first compiled plan arrives. On CUDA, compiling
+            # and capturing graphs on one thread while another runs eager steps segfaulted (H200, torch
+            # 2.11), so there too the graphs are built by the first decode steps.
+            if compile_cfg.warmup == "background" and self.tp.size == 1 and device.type != "cuda":
                 threading.Thread(target=self.warm_up, name="compile-warmup", daemon=True).start()
             else:
-                raise ValueError(f"invalid compile.warmup={compile_cfg.warmup!r}: expected lazy or background")
+                self.compiled_ready.set()
 
     def warm_up(self) -> None:
         """Build the decode graphs (the smallest bucket, and the dynamic one for the others) on rows that touch

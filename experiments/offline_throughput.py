@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float:
               "preemptions": llm.engine.stats()["preemptions"], "loadavg_before": load_before}
     log.info("engine: %d tokens in %.1f s = %.1f tok/s", tokens, elapsed, tokens / elapsed)
     if b.compare_hf:
-        hf = load_hf_model(cfg.model.path, parse_dtype(cfg.dtype, cfg.device))
+        hf = load_hf_model(cfg.model.path, parse_dtype(cfg.dtype, cfg.device), cfg.device)
         t = time.perf_counter()
         hf_tokens = hf_generate(hf, requests, b.hf_batch_size)
         hf_elapsed = time.perf_counter() - t

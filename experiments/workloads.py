@@ -107,16 +107,18 @@ def plot(out: Path, metric: str, title: str) -> Path:
 
 
 
-def load_hf_model(model_path: str | None, dtype):
-    """The same checkpoint through transformers (the baseline), on the same dtype."""
+def load_hf_model(model_path: str | None, dtype, device: str = "cpu"):
+    """The same checkpoint through transformers (the baseline), on the same dtype and device."""
     from transformers import AutoModelForCausalLM
 
     from engine.models.loader import resolve_model
 
     src = resolve_model(model_path)
     if src.is_gguf:
-        return AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.path.name, dtype=dtype).eval()
-    return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype)
+    return model.to(device).eval()
 
 
 def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int = 0) -> int:
@@ -128,8 +130,8 @@ def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, p
         for i in range(0, len(requests), batch_size):
             chunk = requests[i:i + batch_size]
             width = max(len(p) for p, _ in chunk)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk])
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in chunk], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=model.device)
             new = max(n for _, n in chunk)
             model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            pad_token_id=pad_id)

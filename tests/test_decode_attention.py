@@ -11,7 +11,7 @@ from kernels.decode_attention import paged_decode_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_matches_sdpa(dtype):
+def test_paged_decode_attention_matches_sdpa(dtype, device):
     torch.manual_seed(0)
     b, kv_heads, group, dim, page_size, num_pages, width = 5, 2, 3, 16, 4, 40, 6
     k_cache = torch.randn(num_pages, page_size, kv_heads, dim).to(dtype)
@@ -28,7 +28,7 @@ def test_paged_decode_attention_matches_sdpa(dtype):
     positions = torch.tensor(lengths) - 1
     q = torch.randn(b, kv_heads * group, dim).to(dtype)
 
-    got = paged_decode_attention(q, k_cache, v_cache, table, positions)
+    got = paged_decode_attention(*(t.to(device) for t in (q, k_cache, v_cache, table, positions))).cpu()
 
     keys = k_cache[table].reshape(b, width * page_size, kv_heads, dim).transpose(1, 2)
     values = v_cache[table].reshape(b, width * page_size, kv_heads, dim).transpose(1, 2)
@@ -41,10 +41,11 @@ def test_paged_decode_attention_matches_sdpa(dtype):
 
 
 @pytest.mark.slow
-def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer):
+def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
     expected = hf_greedy(hf_tiny_qwen3, ids, 8)
-    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, **{"compile.warmup": "background"})
+    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device,
+              **{"compile.warmup": "background"})
     runner = llm.engine.runner
     compiled_plans = []
     plan = runner.plan
