@@ -27,12 +27,11 @@ from starlette.routing import Route
 
 from engine.engine_process import EngineClient, StepBatch
 from engine.frontend import Completion, OutputProcessor, TrackedRequest
-from engine.llm_engine import check_request
-from engine.models.loader import served_model_name
+from engine.models.source import served_model_name
 from engine.openai_protocol import (APIError, ResponseHeader, chat_logprobs, chat_messages, completion_logprobs,
                                     completion_prompts, error_body, sampling_params, stream_options, usage_dict)
 from engine.outputs import StepOutput, Usage
-from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams, check_request
 from engine.tokenizer import encode_chat, load_tokenizer
 
 log = logging.getLogger("server")
@@ -340,18 +339,24 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
-    from engine.models.loader import resolve_model
+    from engine.models.source import resolve_model
 
     host, port = cfg.server.host, int(cfg.server.port)
     sock = bind(host, port)  # fail on a taken port before spending time on the model
     try:
         source = resolve_model(cfg.model.path)
-        tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as e:
         raise StartupError(str(e)) from None
-    client = EngineClient(cfg, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    # The engine process imports torch and loads the model while this one loads the tokenizer.
+    client = EngineClient(cfg)
+    client.launch()
     try:
-        info = client.start()
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError) as e:
+        client.shutdown()
+        raise StartupError(str(e)) from None
+    try:
+        info = client.wait_ready([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     except RuntimeError as e:
         raise StartupError(f"the engine failed to start: {e}") from None
     server = Server(cfg, tokenizer, client)

@@ -41,6 +41,13 @@ class Shutdown:
 
 
 @dataclass
+class ExtraEos:
+    """End-of-sequence ids the frontend's tokenizer names beyond the model config's; the first message."""
+
+    token_ids: list[int]
+
+
+@dataclass
 class EngineReady:
     pid: int
     max_model_len: int
@@ -60,18 +67,24 @@ class StepBatch:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def engine_main(cfg_dict: dict[str, Any], extra_eos: list[int], inbox: mp.Queue, outbox: mp.Queue) -> None:
-    """Entry point of the engine process: load, report ready, then step while there is work."""
+def engine_main(cfg_dict: dict[str, Any], inbox: mp.Queue, outbox: mp.Queue) -> None:
+    """Entry point of the engine process: load, take the tokenizer's extra EOS ids, report ready, then step
+    while there is work."""
     from engine.llm_engine import LLMEngine
-    from engine.models.loader import resolve_model
+    from engine.models.source import resolve_model
 
     parent = os.getppid()
     try:
         cfg = OmegaConf.create(cfg_dict)
-        engine = LLMEngine(cfg, resolve_model(cfg.model.path), extra_eos)
+        engine = LLMEngine(cfg, resolve_model(cfg.model.path))
     except Exception as e:  # reported to the parent, which exits with the message
         outbox.put(EngineFailed(f"{type(e).__name__}: {e}"))
         return
+    first = inbox.get()  # sent once the parent has loaded the tokenizer (both load at the same time)
+    if isinstance(first, Shutdown):
+        engine.shutdown()
+        return
+    engine.eos_token_ids.update(first.token_ids)
     outbox.put(EngineReady(os.getpid(), engine.max_model_len, engine.model_config.vocab_size, engine.stats(),
                            [w.pid for w in engine.workers]))
     while True:
@@ -108,21 +121,25 @@ def engine_main(cfg_dict: dict[str, Any], extra_eos: list[int], inbox: mp.Queue,
 class EngineClient:
     """Starts the engine process and relays its outputs into the asyncio loop of the HTTP process."""
 
-    def __init__(self, cfg: DictConfig, extra_eos: list[int]) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
         # Not a daemon: it starts tensor-parallel ranks of its own. It exits when orphaned (see engine_main).
         self.process = ctx.Process(target=engine_main, name="engine", daemon=False,
-                                   args=(OmegaConf.to_container(cfg, resolve=True), extra_eos,
-                                         self.inbox, self.outbox))
+                                   args=(OmegaConf.to_container(cfg, resolve=True), self.inbox, self.outbox))
         self.info: EngineReady | None = None
         self.stats: dict[str, int] = {}
         self.dead_reason: str | None = None
 
-    def start(self, timeout: float = 900.0) -> EngineReady:
-        """Start the process and wait for it to load the model; RuntimeError with its message if it fails."""
+    def launch(self) -> None:
+        """Start loading the model in the engine process; the caller goes on with its own loading."""
         self.process.start()
+
+    def wait_ready(self, extra_eos: list[int], timeout: float = 900.0) -> EngineReady:
+        """Hand the engine the tokenizer's EOS ids and wait for it to finish loading; RuntimeError with its
+        message if it fails."""
+        self.inbox.put(ExtraEos(list(extra_eos)))
         waited = 0.0
         while True:
             try:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Callable
 
 from engine.outputs import CompletionOutput, RequestOutput, StepOutput, TokenLogprob, Usage
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import TextState
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from engine.config import compose_config
 from engine.llm_engine import LLMEngine
-from engine.models.loader import resolve_model
+from engine.models.source import resolve_model
 from engine.frontend import OutputProcessor, Sink, TrackedRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams

@@ -18,12 +18,13 @@ from omegaconf import DictConfig, open_dict
 from engine.kv_cache import PageAllocator, pages_for_budget
 from engine.kv_manager import KVManager
 from engine.model_runner import build_runner, kv_heads_per_rank
-from engine.models.loader import ModelSource, load_config
+from engine.models.loader import load_config
+from engine.models.source import ModelSource
 from engine.parallel import TPGroup, check_divisible, init_distributed
 from engine.tp_worker import ranks_of_node, start_local_ranks
 from engine.outputs import StepOutput
 from engine.sampler import Sampler
-from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.sampling_params import SamplingParams, check_request
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 
@@ -46,19 +47,6 @@ def parse_dtype(value: str | torch.dtype, device: str | torch.device = "cpu") ->
     if name not in DTYPES:
         raise ValueError(f"invalid dtype={value!r}: expected auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
-    """Raise InvalidParameter unless the request can run to completion in an engine of this shape."""
-    if not prompt_token_ids:
-        raise InvalidParameter("prompt", "invalid prompt: it has no tokens")
-    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
-    if bad:
-        raise InvalidParameter("prompt", f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab_size})")
-    if len(prompt_token_ids) + params.max_tokens > max_model_len:
-        raise InvalidParameter(
-            "max_tokens", f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
-            f"+ max_tokens exceeds the maximum context length {max_model_len}")
 
 
 class LLMEngine:

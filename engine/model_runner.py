@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from engine.kv_cache import SCRATCH_PAGE, KVPool
-from engine.models.loader import ModelSource, build_model
+from engine.models.loader import build_model
+from engine.models.source import ModelSource
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.outputs import TokenLogprob
 from engine.parallel import TPGroup, shard_heads
@@ -67,12 +69,6 @@ class ModelRunner:
         self.compiled = None
         self.compiled_ready = threading.Event()  # decode uses the compiled graphs only once set
         if compile_cfg.enabled:
-            # Bucketed batch sizes and the growing context length would each cost a recompile under
-            # static shapes; dynamic shapes serve them with one graph (plus size-1 specialisations).
-            # Backends that cannot be traced symbolically get one static graph per (bucket, width).
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(self._logits_at_every_token, **compile_options(compile_cfg, device),
-                                          dynamic=True if backend.supports_dynamic_shapes else False)
             if compile_cfg.warmup not in ("lazy", "background"):
                 raise ValueError(f"invalid compile.warmup={compile_cfg.warmup!r}: expected lazy or background")
             # Under tensor parallelism every rank must compile in the same step (the graphs hold
@@ -80,26 +76,45 @@ class ModelRunner:
             # and capturing graphs on one thread while another runs eager steps segfaulted (H200, torch
             # 2.11), so there too the graphs are built by the first decode steps.
             if compile_cfg.warmup == "background" and self.tp.size == 1 and device.type != "cuda":
-                threading.Thread(target=self.warm_up, name="compile-warmup", daemon=True).start()
+                threading.Thread(target=self.warm_up, args=(compile_cfg,), name="compile-warmup", daemon=True).start()
             else:
+                self.compiled = self._compile(compile_cfg)
                 self.compiled_ready.set()
 
-    def warm_up(self) -> None:
+    def _compile(self, compile_cfg: Any) -> Any:
+        # Bucketed batch sizes and the growing context length would each cost a recompile under static
+        # shapes; dynamic shapes serve them with one graph (plus size-1 specialisations). Backends that
+        # cannot be traced symbolically get one static graph per (bucket, width).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return torch.compile(self._logits_at_every_token, **compile_options(compile_cfg, self.device),
+                             dynamic=True if self.backend.supports_dynamic_shapes else False)
+
+    def warm_up(self, compile_cfg: Any) -> None:
         """Build the decode graphs (the smallest bucket, and the dynamic one for the others) on rows that touch
         only the scratch page, then let decode steps use them. Runs on its own thread while steps run
-        eagerly, so a server answers within seconds instead of after minutes of compilation."""
+        eagerly, so a server answers within seconds instead of after minutes of compilation (even setting
+        up torch.compile, which imports inductor, is left to this thread: 2 s of start-up)."""
         start = time.perf_counter()
+        # Tracing and lowering hold the GIL for long stretches, while an eager step releases it at every
+        # torch op and then waits out the switch interval to get it back: at the default 5 ms a 0.7 s
+        # first answer took 12 s. A short interval bounds that wait for as long as compilation runs.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
         try:
+            compiled = self._compile(compile_cfg)
             for b in sorted({self.buckets[0], min(self.buckets[-1], 8)}):
                 zeros = torch.zeros(b, dtype=torch.long, device=self.device)
                 table = torch.full((b, 2), SCRATCH_PAGE, dtype=torch.long, device=self.device)
                 batch = PagedBatch(positions=zeros, slot_mapping=zeros, page_table=table, seq_lens=zeros + 1,
                                    max_query_len=1, pad_index=None)
                 with torch.inference_mode():
-                    self.compiled(zeros, zeros, self.backend.prepare(batch))
+                    compiled(zeros, zeros, self.backend.prepare(batch))
         except Exception:
             log.exception("compiling the decode graphs failed; decode steps stay eager")
             return
+        finally:
+            sys.setswitchinterval(switch_interval)
+        self.compiled = compiled
         self.compiled_ready.set()
         log.info("decode graphs compiled in %.0f s; decode steps now run compiled", time.perf_counter() - start)
 

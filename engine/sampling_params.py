@@ -98,3 +98,16 @@ class SamplingParams:
         if unknown:
             raise InvalidParameter(unknown[0], f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raise InvalidParameter unless the request can run to completion in an engine of this shape."""
+    if not prompt_token_ids:
+        raise InvalidParameter("prompt", "invalid prompt: it has no tokens")
+    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise InvalidParameter("prompt", f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab_size})")
+    if len(prompt_token_ids) + params.max_tokens > max_model_len:
+        raise InvalidParameter(
+            "max_tokens", f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
+            f"+ max_tokens exceeds the maximum context length {max_model_len}")

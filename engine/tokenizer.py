@@ -1,28 +1,21 @@
 """Tokenizers and chat templates through transformers; incremental detokenization and stop strings."""
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from engine.models.source import ModelSource, gguf_cache_dir
 
-from engine.models.loader import ModelSource
-
-
-def _converted_dir(gguf_file: Path) -> Path:
-    stat = gguf_file.stat()
-    key = hashlib.sha1(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "torch-inference-engine"))
-    return root / "tokenizers" / f"{gguf_file.stem}-{key}"
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer  # here: the engine process, which needs no tokenizer, skips it
+
     if not src.is_gguf:
         return AutoTokenizer.from_pretrained(str(src.path))
     # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer next to the inductor cache.
-    cached = _converted_dir(src.path)
+    cached = gguf_cache_dir(src.path, "tokenizers")
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.path.name)

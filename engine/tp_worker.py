@@ -38,7 +38,8 @@ def worker_main(cfg_dict: dict[str, Any], rank: int, num_pages: int) -> None:
 
     from engine.llm_engine import parse_dtype
     from engine.model_runner import build_runner
-    from engine.models.loader import load_config, resolve_model
+    from engine.models.loader import load_config
+    from engine.models.source import resolve_model
     from engine.parallel import TPGroup, init_distributed
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()

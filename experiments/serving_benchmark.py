@@ -116,7 +116,8 @@ async def run_load(url: str, model: str, requests: list[tuple[list[int], int]], 
 
 @hydra.main(config_path="../configs", config_name="serving", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine.models.loader import load_config, resolve_model, served_model_name
+    from engine.models.loader import load_config
+    from engine.models.source import resolve_model, served_model_name
 
     resolve_bench_model(cfg)
     b = cfg.bench

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +22,9 @@ def random_qwen3_checkpoint(cache: Path | None = None) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    cache = cache or Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "torch-inference-engine"))
+    from engine.models.source import engine_cache_dir
+
+    cache = cache or engine_cache_dir()
     path = cache / "random-qwen3-0.6b"
     if (path / "config.json").is_file():
         return path
@@ -111,7 +112,7 @@ def load_hf_model(model_path: str | None, dtype, device: str = "cpu"):
     """The same checkpoint through transformers (the baseline), on the same dtype and device."""
     from transformers import AutoModelForCausalLM
 
-    from engine.models.loader import resolve_model
+    from engine.models.source import resolve_model
 
     src = resolve_model(model_path)
     if src.is_gguf:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import PROMPTS, hf_greedy, qwen_tokenizer_dir, trim_at_eos
 from engine import LLM
-from engine.models.loader import resolve_model
+from engine.models.source import resolve_model
 
 
 def _save(model, path):

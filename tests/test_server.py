@@ -319,3 +319,12 @@ def test_internal_error_is_a_500_with_a_message(qwen_tokenizer):
     assert r.status_code == 500
     assert "engine queue exploded" in r.json()["error"]["message"] and r.json()["error"]["type"] == "server_error"
     assert not state.frontend.live  # nothing left tracked
+
+
+def test_server_module_imports_neither_torch_nor_transformers():
+    """The engine process re-imports server.py when it is spawned, and the HTTP process spawns it before
+    loading the tokenizer: both stay off the start-up's critical path only while this import is light."""
+    code = "import sys, server; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -6,7 +6,7 @@ import torch
 
 from conftest import PROMPTS, hf_greedy, trim_at_eos
 from engine import LLM, SamplingParams
-from engine.models.loader import embedded_model_path
+from engine.models.source import embedded_model_path
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 16
@@ -58,3 +58,35 @@ def test_chat_template(smollm2):
                           max_tokens=24, temperature=0)
     assert "Paris" in out.outputs[0].text
     assert out.usage.prompt_tokens > 20  # the template added its system prompt and role markers
+
+
+def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    """The first load dequantizes the GGUF into safetensors under ENGINE_CACHE_DIR; later loads read those
+    and get the same config and tensors as reading the GGUF itself. A changed file gets a new entry."""
+    import os
+    import shutil
+
+    from engine.models import loader
+    from engine.models.source import ModelSource, gguf_cache_dir
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copy(embedded_model_path(), path)
+    src = ModelSource(path, is_gguf=True)
+    cfg = loader.load_config(src)
+    folder = gguf_cache_dir(path, "checkpoints")
+    weights = folder / loader.CONVERTED_WEIGHTS
+    assert weights.is_file() and cfg == loader._gguf_config(path)
+    written = weights.stat().st_mtime_ns
+
+    cached = dict(loader.iter_checkpoint(src, cfg))
+    direct = dict(loader._iter_gguf(path, cfg))
+    assert cached.keys() == direct.keys()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight",
+                 "model.embed_tokens.weight", "model.norm.weight"):
+        part = (slice(64, 192),)  # whole heads' rows, as a tensor-parallel rank reads them
+        assert torch.equal(cached[name](part), direct[name](part)), name
+    assert loader.load_config(src) == cfg and weights.stat().st_mtime_ns == written  # read, not converted again
+
+    os.utime(path, ns=(written, written + 10**9))
+    assert gguf_cache_dir(path, "checkpoints") != folder

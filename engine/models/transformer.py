@@ -109,7 +109,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.build_table()
+        # Placeholders until `build_table`: the model is built on the meta device, where computing the
+        # table would import torch._dynamo (1.4 s of a server's start-up) for nothing.
+        shape = (cfg.max_position_embeddings, cfg.head_dim)
+        self.register_buffer("cos", torch.empty(shape), persistent=False)
+        self.register_buffer("sin", torch.empty(shape), persistent=False)
 
     def build_table(self) -> None:
         freqs = torch.outer(torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32), _inv_freq(self.cfg))
@@ -193,7 +197,9 @@ class CausalLM(nn.Module):
         self.tp = tp
         # Under tensor parallelism each rank holds one slice of the (padded) vocabulary.
         self.vocab_start, vocab_rows = vocab_shard(cfg.vocab_size, tp.size, tp.rank)
-        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
+        # An explicit (uninitialised) weight skips the random init the checkpoint overwrites anyway; on the
+        # meta device that init would import torch._dynamo too.
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size, _weight=torch.empty(vocab_rows, cfg.hidden_size))
         self.rope = RotaryEmbedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
