@@ -86,6 +86,12 @@ class ModelRunner:
         # shapes; dynamic shapes serve them with one graph (plus size-1 specialisations). Backends that
         # cannot be traced symbolically get one static graph per (bucket, width).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # The KV pool never changes shape. Left symbolic, "duck sizing" gave a batch of 2 (or 16) the symbol
+        # of the KV head count (or page size), which the cache write then pinned: the "dynamic" graph only
+        # served that one batch size and the next size compiled for minutes in the middle of a run.
+        for cache in (*self.backend.k_cache, *self.backend.v_cache):
+            torch._dynamo.mark_static(cache)
+        torch.fx.experimental._config.use_duck_shape = False  # equal sizes of different inputs stay apart
         return torch.compile(self._logits_at_every_token, **compile_options(compile_cfg, self.device),
                              dynamic=True if self.backend.supports_dynamic_shapes else False)
 
