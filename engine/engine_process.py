@@ -80,7 +80,14 @@ def engine_main(cfg_dict: dict[str, Any], inbox: mp.Queue, outbox: mp.Queue) -> 
     except Exception as e:  # reported to the parent, which exits with the message
         outbox.put(EngineFailed(f"{type(e).__name__}: {e}"))
         return
-    first = inbox.get()  # sent once the parent has loaded the tokenizer (both load at the same time)
+    while True:  # sent once the parent has loaded the tokenizer (both load at the same time)
+        try:
+            first = inbox.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if os.getppid() != parent:
+                first = Shutdown()  # the parent died while loading
+                break
     if isinstance(first, Shutdown):
         engine.shutdown()
         return
