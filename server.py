@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from engine.engine_process import EngineClient, StepBatch
 from engine.frontend import Completion, OutputProcessor, TrackedRequest
-from engine.models.source import served_model_name
+from engine.models.source import resolve_model, served_model_name
 from engine.openai_protocol import (APIError, ResponseHeader, chat_logprobs, chat_messages, completion_logprobs,
                                     completion_prompts, error_body, sampling_params, stream_options, usage_dict)
 from engine.outputs import StepOutput, Usage
@@ -338,8 +338,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(cfg: DictConfig) -> None:
     import uvicorn
-
-    from engine.models.source import resolve_model
 
     host, port = cfg.server.host, int(cfg.server.port)
     sock = bind(host, port)  # fail on a taken port before spending time on the model

@@ -34,15 +34,18 @@ def converted_gguf(gguf_file: Path) -> Path | None:
         return folder
     from safetensors.torch import save_file
 
-    cfg = _gguf_config(gguf_file)
-    tensors = {name: read((slice(None),)).contiguous() for name, read in _iter_gguf(gguf_file, cfg)}
     staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     try:
         staging.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only cache: read the GGUF itself, without dequantizing it for nothing first
+        return None
+    cfg = _gguf_config(gguf_file)
+    tensors = {name: read((slice(None),)).contiguous() for name, read in _iter_gguf(gguf_file, cfg)}
+    try:
         save_file(tensors, str(staging / CONVERTED_WEIGHTS))
         (staging / CONVERTED_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg)))
         os.replace(staging, folder)
-    except OSError:  # read-only cache, or another process (a tensor-parallel rank) renamed its copy first
+    except OSError:  # a full disk, or another process (a tensor-parallel rank) renamed its copy first
         shutil.rmtree(staging, ignore_errors=True)
     return folder if (folder / CONVERTED_CONFIG).is_file() else None
 
