@@ -1,8 +1,10 @@
 """What every paged attention backend shares: the per-step batch layout and the K/V cache write."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,6 +49,15 @@ class PagedAttentionBase:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Attention for one layer. `meta` is None inside a compiled prefill graph: there attention is one
+        opaque op per layer that finds this step's metadata in `opaque_attention_step`, so the graph
+        around it (GEMMs, norms, RoPE, MLP) compiles once for every step shape while the varying,
+        data-dependent attention (request lengths, prefill/decode groups) stays eager."""
+        if meta is None:
+            return torch.ops.engine.paged_attention(q, k, v, layer)
+        return self.forward(layer, q, k, v, meta)
+
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k.to(kc.dtype))
@@ -73,3 +84,29 @@ class PagedAttentionBase:
             return batch.positions.view(-1, 1)
         pos = batch.positions.new_zeros(batch.batch_size * batch.max_query_len)
         return pos.index_copy(0, batch.pad_index, batch.positions).view(batch.batch_size, -1)
+
+
+_step = threading.local()  # per thread: a warm-up thread may run a graph while the main thread steps
+
+
+@contextmanager
+def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[None]:
+    """Makes `meta` the metadata the opaque attention op uses while a compiled prefill graph runs."""
+    _step.current = (backend, meta)
+    try:
+        yield
+    finally:
+        _step.current = None
+
+
+# mutates_args is empty although the op writes the KV pool: the pool is not an input of the graph (the op
+# reaches it through the backend), so nothing in the graph can observe the write out of order.
+@torch.library.custom_op("engine::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    backend, meta = _step.current
+    return backend.forward(layer, q, k, v, meta).contiguous()
+
+
+@paged_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    return q.new_empty(q.shape)

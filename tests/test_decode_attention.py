@@ -52,7 +52,7 @@ def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwe
 
     def spy(batch):
         out = plan(batch)
-        compiled_plans.append(out[0].compiled)
+        compiled_plans.append((out[0].compiled, "decode" if out[0].logit_rows is None else "prefill"))
         return out
 
     runner.plan = spy
@@ -65,4 +65,5 @@ def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwe
     compiled_plans.clear()
     llm.engine.prefix_cache.reset()
     assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
-    assert any(compiled_plans), "decode steps should run the compiled graphs once they are ready"
+    assert (True, "decode") in compiled_plans, "decode steps should run the compiled graph once it is ready"
+    assert (True, "prefill") in compiled_plans, "prefill steps should run the compiled graph once it is ready"

@@ -159,7 +159,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
-        out = self.backend.forward(self.layer_idx, q, k, v, meta)
+        out = self.backend.attend(self.layer_idx, q, k, v, meta)
         return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
 
