@@ -80,17 +80,22 @@ def main(cfg: DictConfig) -> None:
     b = cfg.bench
     llm = LLM(config=cfg)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.engine.model.parameters()}.values())
-    bw = read_bandwidth_gbs(b.bandwidth_mb)
-    floor_ms = weight_bytes / (bw * 1e9) * 1000
-    log.info("weights %.0f MB (%s), read bandwidth %.1f GB/s -> decode floor %.1f ms/step",
-             weight_bytes / 2**20, llm.engine.dtype, bw, floor_ms)
+    log.info("weights %.0f MB (%s)", weight_bytes / 2**20, llm.engine.dtype)
     decode_step_ms(llm, 1, b.context_len, 4)  # warm-up / compile
     for batch in b.batch_sizes:
+        # This machine's bandwidth drifts by 20% over minutes: the floor comes from probes taken just
+        # before and just after the steps it is compared with.
+        before = read_bandwidth_gbs(b.bandwidth_mb)
         ms = decode_step_ms(llm, batch, b.context_len, b.steps)
-        log.info("batch %3d: %.1f ms/step = %.2fx floor, %.1f tok/s", batch, ms, ms / floor_ms, batch * 1000 / ms)
+        after = read_bandwidth_gbs(b.bandwidth_mb)
+        bw = (before + after) / 2
+        floor_ms = weight_bytes / (bw * 1e9) * 1000
+        log.info("batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s",
+                 batch, ms, ms / floor_ms, floor_ms, bw, before, after, batch * 1000 / ms)
         record({"batch": batch, "step_ms": round(ms, 1), "floor_ms": round(floor_ms, 1),
                 "x_floor": round(ms / floor_ms, 2), "tokens_per_s": round(batch * 1000 / ms, 1),
-                "bandwidth_gbs": round(bw, 1), "loadavg": os.getloadavg()[0]}, cfg)
+                "bandwidth_gbs": round(bw, 1), "bandwidth_before_after": f"{before:.1f};{after:.1f}",
+                "loadavg": os.getloadavg()[0]}, cfg)
 
 
 if __name__ == "__main__":
