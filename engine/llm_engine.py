@@ -202,6 +202,6 @@ class LLMEngine:
             "kv_pages_cached": self.prefix_cache.total_pages,
             "kv_pages_evictable": self.prefix_cache.evictable_pages,
             "preemptions": self.scheduler.num_preemptions,
-            "decode_compiled": int(self.runner.compiled is not None and self.runner.compiled_ready.is_set()),
-            "prefill_compiled": int(self.runner.compiled_prefill is not None and self.runner.compiled_ready.is_set()),
+            "decode_compiled": int(self.runner.compiled is not None),
+            "prefill_compiled": int(self.runner.compiled_prefill is not None),
         }

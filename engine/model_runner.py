@@ -58,7 +58,7 @@ class _PromptLogprobJob:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, backend: PagedAttentionBase, page_size: int, device: torch.device,
-                 compile_cfg: Any, prefill_tokens: int = 512) -> None:
+                 compile_cfg: Any, prefill_tokens: int) -> None:
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -69,9 +69,10 @@ class ModelRunner:
         self.pad_to_buckets = device.type == "cuda" or not backend.supports_dynamic_shapes
         self.tp = model.tp
         self.prefill_tokens = prefill_tokens  # a full chunk: the shape the prefill graph is tuned for
+        # Set only once usable (a background warm-up assigns them when it is done); None: eager.
         self.compiled = None          # decode graph
-        self.compiled_prefill = None  # prefill graph (None: prefill steps stay eager)
-        self.compiled_ready = threading.Event()  # steps use the compiled graphs only once set
+        self.compiled_prefill = None  # prefill graph
+        self.compiled_ready = threading.Event()  # set once both are assigned
         if compile_cfg.enabled:
             if compile_cfg.warmup not in ("lazy", "background"):
                 raise ValueError(f"invalid compile.warmup={compile_cfg.warmup!r}: expected lazy or background")
@@ -107,8 +108,9 @@ class ModelRunner:
         return decode, torch.compile(self._logits_at_rows, **options, dynamic=True)
 
     def warm_up(self, compile_cfg: Any) -> None:
-        """Build the decode graphs (the smallest bucket, and the dynamic one for the others) on rows that touch
-        only the scratch page, then let decode steps use them. Runs on its own thread while steps run
+        """Build the decode graphs (the smallest bucket, and the dynamic one for the others) and the prefill
+        graph (at a full chunk) on rows that touch only the scratch page, then let steps use them. Runs on
+        its own thread while steps run
         eagerly, so a server answers within seconds instead of after minutes of compilation (even setting
         up torch.compile, which imports inductor, is left to this thread: 2 s of start-up)."""
         start = time.perf_counter()
@@ -151,9 +153,11 @@ class ModelRunner:
     def _logits_at_every_token(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
-    def _logits_at_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        # No metadata in the graph: attention reads it from `opaque_attention_step` (see PagedAttentionBase.attend).
-        return self.model.compute_logits(self.model(input_ids, positions, None)[rows])
+    def _logits_at_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                        meta: Any = None) -> torch.Tensor:
+        # Compiled, meta stays None: attention then reads it from `opaque_attention_step` (see
+        # PagedAttentionBase.attend), so the graph holds no per-step metadata.
+        return self.model.compute_logits(self.model(input_ids, positions, meta)[rows])
 
     # -- planning (rank 0) ---------------------------------------------------------------------------
 
@@ -194,7 +198,7 @@ class ModelRunner:
                          if s.num_computed_tokens + n == s.num_tokens]
         if batch.is_decode_only:
             pad = 0
-            compiled = self.compiled is not None and self.compiled_ready.is_set()
+            compiled = self.compiled is not None
             if compiled and self.pad_to_buckets:
                 b = len(batch.seqs)
                 pad = self.buckets[bisect.bisect_left(self.buckets, b)] - b if b <= self.buckets[-1] else 0
@@ -218,7 +222,7 @@ class ModelRunner:
             offset += n
         # Dynamic shapes specialise sizes 0 and 1: one token, or one or no logit row, would compile a graph
         # of its own.
-        compiled = self.compiled_prefill is not None and self.compiled_ready.is_set() and len(ids) > 1
+        compiled = self.compiled_prefill is not None and len(ids) > 1
         while compiled and len(rows) < 2:  # extra logit rows are dropped with the others past the sampled ones
             rows.append(rows[-1] if rows else 0)
         return StepPlan(ids, paged, torch.tensor(rows, dtype=torch.long, device=self.device), compiled), \
@@ -235,8 +239,7 @@ class ModelRunner:
         if plan.compiled:
             with opaque_attention_step(self.backend, meta):
                 return self.compiled_prefill(plan.input_ids, plan.batch.positions, plan.logit_rows)
-        hidden = self.model(plan.input_ids, plan.batch.positions, meta)
-        return self.model.compute_logits(hidden[plan.logit_rows])
+        return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)
 
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step, which rows those are, and prompt logprobs by row."""

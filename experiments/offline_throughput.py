@@ -33,6 +33,8 @@ def main(cfg: DictConfig) -> float:
 
     resolve_bench_model(cfg)
     b = cfg.bench
+    if b.rounds < 1:
+        raise ValueError(f"bench.rounds={b.rounds} must be at least 1")
     load_before = background_load()
     t = time.perf_counter()
     llm = LLM(config=cfg)
@@ -43,8 +45,6 @@ def main(cfg: DictConfig) -> float:
     hf = load_hf_model(cfg.model.path, parse_dtype(cfg.dtype, cfg.device), cfg.device) if b.compare_hf else None
     # Engine and transformers alternate, round after round: on a machine whose speed drifts by 20-30%
     # over minutes, the ratio within a round is what holds; the median round is reported.
-    if b.rounds < 1:
-        raise ValueError(f"bench.rounds={b.rounds} must be at least 1")
     rounds = []
     for i in range(b.rounds):
         llm.engine.prefix_cache.reset()

@@ -103,7 +103,10 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
 # reaches it through the backend), so nothing in the graph can observe the write out of order.
 @torch.library.custom_op("engine::paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    backend, meta = _step.current
+    step = getattr(_step, "current", None)
+    if step is None:
+        raise RuntimeError("engine::paged_attention ran outside `opaque_attention_step`: no step metadata")
+    backend, meta = step
     return backend.forward(layer, q, k, v, meta).contiguous()
 
 
