@@ -99,20 +99,21 @@ class ModelRunner:
         for cache in (*self.backend.k_cache, *self.backend.v_cache):
             torch._dynamo.mark_static(cache)
         torch.fx.experimental._config.use_duck_shape = False  # equal sizes of different inputs stay apart
-        decode = torch.compile(self._logits_at_every_token, **compile_options(compile_cfg, self.device),
+        options = compile_options(compile_cfg, self.device)
+        decode = torch.compile(self._logits_at_every_token, **options,
                                dynamic=True if self.backend.supports_dynamic_shapes else False)
         if not compile_cfg.prefill:
             return decode, None
         # CUDA graphs would record one graph per token count; there the prefill graph only fuses kernels.
-        options = {} if self.device.type == "cuda" else compile_options(compile_cfg, self.device)
-        return decode, torch.compile(self._logits_at_rows, **options, dynamic=True)
+        return decode, torch.compile(self._logits_at_rows, **({} if self.device.type == "cuda" else options),
+                                     dynamic=True)
 
     def warm_up(self, compile_cfg: Any) -> None:
         """Build the decode graphs (the smallest bucket, and the dynamic one for the others) and the prefill
         graph (at a full chunk) on rows that touch only the scratch page, then let steps use them. Runs on
-        its own thread while steps run
-        eagerly, so a server answers within seconds instead of after minutes of compilation (even setting
-        up torch.compile, which imports inductor, is left to this thread: 2 s of start-up)."""
+        its own thread while steps run eagerly, so a server answers within seconds instead of after minutes
+        of compilation (even setting up torch.compile, which imports inductor, is left to this thread: 2 s
+        of start-up)."""
         start = time.perf_counter()
         # Tracing and lowering hold the GIL for long stretches, while an eager step releases it at every
         # torch op and then waits out the switch interval to get it back: at the default 5 ms a 0.7 s
@@ -144,11 +145,12 @@ class ModelRunner:
         positions = torch.arange(tokens, device=dev).repeat(rows)
         width = self.backend.padded_pages(-(-tokens // self.page_size))
         length = self.backend.padded_query_len(tokens)
-        pad_index = (torch.arange(rows, device=dev).repeat_interleave(tokens) * length + positions)
+        row_of = torch.arange(rows, device=dev).repeat_interleave(tokens)
+        pad_index = None if length == 1 else row_of * length + positions
         return PagedBatch(positions=positions, slot_mapping=SCRATCH_PAGE * self.page_size + positions % self.page_size,
                           page_table=torch.full((rows, width), SCRATCH_PAGE, dtype=torch.long, device=dev),
                           seq_lens=torch.full((rows,), tokens, dtype=torch.long, device=dev),
-                          max_query_len=length, pad_index=None if length == 1 else pad_index)
+                          max_query_len=length, pad_index=pad_index)
 
     def _logits_at_every_token(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
