@@ -99,6 +99,10 @@ class ModelRunner:
         for cache in (*self.backend.k_cache, *self.backend.v_cache):
             torch._dynamo.mark_static(cache)
         torch.fx.experimental._config.use_duck_shape = False  # equal sizes of different inputs stay apart
+        # Left unspecialised, every RMSNorm's eps (a float attribute) became a graph input that each call
+        # wrapped in a tensor: 61 `torch.as_tensor` calls per SmolLM2 step, ~0.5 ms of a 27 ms batch-1 step.
+        # The graphs take no float that changes between calls.
+        torch._dynamo.config.specialize_float = True
         options = compile_options(compile_cfg, self.device)
         decode = torch.compile(self._logits_at_every_token, **options,
                                dynamic=True if self.backend.supports_dynamic_shapes else False)
