@@ -149,8 +149,9 @@ class ModelRunner:
         positions = torch.arange(tokens, device=dev).repeat(rows)
         width = self.backend.padded_pages(-(-tokens // self.page_size))
         length = self.backend.padded_query_len(tokens)
-        row_of = torch.arange(rows, device=dev).repeat_interleave(tokens)
-        pad_index = None if length == 1 else row_of * length + positions
+        pad_index = None
+        if length > 1:
+            pad_index = torch.arange(rows, device=dev).repeat_interleave(tokens) * length + positions
         return PagedBatch(positions=positions, slot_mapping=SCRATCH_PAGE * self.page_size + positions % self.page_size,
                           page_table=torch.full((rows, width), SCRATCH_PAGE, dtype=torch.long, device=dev),
                           seq_lens=torch.full((rows,), tokens, dtype=torch.long, device=dev),
