@@ -1,0 +1,149 @@
+"""How fast could the offline workload run here if only its matmuls took time?
+
+Runs the offline workload through the engine once, recording every step's token count and logit rows,
+then times the model's linear layers alone (ATen `F.linear`, i.e. MKL; fastest of a few repeats) at each
+step's shape. From those it builds a roofline bound: each step takes the longer of reading its weights
+once at the probed bandwidth and doing its FLOPs at the best rate any step reached, with attention,
+norms, sampling and scheduling free. No engine runs this schedule faster here without a faster GEMM than
+MKL's best; transformers runs the same requests in the same process, so the report says which speed-up
+over it this machine allows at all.
+
+    python experiments/matmul_bound.py dtype=float32
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from roofline import read_bandwidth_gbs  # noqa: E402
+from workloads import (engine_generate, hf_generate, load_hf_model, random_requests, record,  # noqa: E402
+                       resolve_bench_model)
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine import LLM
+    from engine.models.transformer import ModelConfig
+
+log = logging.getLogger("matmul_bound")
+
+
+def record_schedule(llm: LLM) -> list[tuple[int, int]]:
+    """Wraps the scheduler so each step appends (new tokens, rows that get logits)."""
+    scheduler = llm.engine.scheduler
+    schedule = scheduler.schedule
+    steps: list[tuple[int, int]] = []
+
+    def recorded():
+        batch = schedule()
+        logit_rows = sum(s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens))
+        steps.append((sum(batch.num_new_tokens), logit_rows))
+        return batch
+
+    scheduler.schedule = recorded
+    return steps
+
+
+def linear_shapes(mc: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer a token passes through, lm_head excluded."""
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    layer = [(mc.hidden_size, q + 2 * kv), (q, mc.hidden_size), (mc.hidden_size, 2 * mc.intermediate_size),
+             (mc.intermediate_size, mc.hidden_size)]
+    return layer * mc.num_layers
+
+
+def fastest(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Counter, repeats: int,
+                   bandwidth_gbs: float) -> tuple[float, float, float]:
+    """For the recorded steps ((token rows, logit rows) -> count): the model's matmuls timed through ATen at
+    each step's shape, summed; the best rate (GFLOP/s) any step reached; and a roofline bound in which
+    every step takes the longer of reading its weights once at `bandwidth_gbs` and its FLOPs at that
+    best rate."""
+    import torch
+    import torch.nn.functional as F
+
+    shapes = linear_shapes(mc)
+    weights = {shape: torch.randn(shape[1], shape[0], dtype=dtype, device=device) for shape in set(shapes)}
+    lm_head = torch.randn(mc.vocab_size, mc.hidden_size, dtype=dtype, device=device)
+
+    def step(x: dict[int, torch.Tensor], hidden: torch.Tensor) -> None:
+        for shape in shapes:
+            F.linear(x[shape[0]], weights[shape])
+        if len(hidden):
+            F.linear(hidden, lm_head)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    measured = {}  # (tokens, logit rows) -> (seconds, flops, weight bytes)
+    with torch.inference_mode():
+        for tokens, logit_rows in steps:
+            x = {k: torch.randn(tokens, k, dtype=dtype, device=device) for k, _ in shapes}
+            hidden = torch.randn(logit_rows, mc.hidden_size, dtype=dtype, device=device)
+            flops = 2 * (tokens * sum(i * o for i, o in shapes) + logit_rows * lm_head.numel())
+            nbytes = sum(weights[shape].nbytes for shape in shapes) + (lm_head.nbytes if logit_rows else 0)
+            measured[tokens, logit_rows] = fastest(functools.partial(step, x, hidden), repeats), flops, nbytes
+    best_rate = max(flops / seconds for seconds, flops, _ in measured.values())
+    total = sum(steps[k] * seconds for k, (seconds, _, _) in measured.items())
+    bound = sum(steps[k] * max(nbytes / (bandwidth_gbs * 1e9), flops / best_rate)
+                for k, (_, flops, nbytes) in measured.items())
+    return total, best_rate / 1e9, bound
+
+
+@hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
+def main(cfg: DictConfig) -> float:
+    from engine import LLM
+    from engine.llm_engine import parse_dtype
+
+    resolve_bench_model(cfg)
+    b = cfg.bench
+    dtype = parse_dtype(cfg.dtype, cfg.device)
+    llm = LLM(config=cfg)
+    requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len),
+                               llm.engine.model_config.vocab_size, b.seed)
+    engine_generate(llm, requests[:4])  # warm-up: compiles the step graphs
+    llm.engine.prefix_cache.reset()
+    steps = record_schedule(llm)
+    t = time.perf_counter()
+    tokens = engine_generate(llm, requests, use_tqdm=True)
+    engine_s = time.perf_counter() - t
+    hf = load_hf_model(cfg.model.path, dtype, cfg.device)
+    t = time.perf_counter()
+    hf_generate(hf, requests, b.hf_batch_size)
+    hf_s = time.perf_counter() - t
+    del hf
+    bandwidth = read_bandwidth_gbs(512)
+    matmul_s, best_gflops, bound_s = matmul_seconds(llm.engine.model_config, dtype, cfg.device, Counter(steps), 3,
+                                                    bandwidth)
+    result = {"requests": len(requests), "output_tokens": tokens, "steps": len(steps),
+              "engine_s": round(engine_s, 2), "hf_s": round(hf_s, 2), "matmul_s": round(matmul_s, 2),
+              "best_gflops": round(best_gflops, 1), "roofline_s": round(bound_s, 2),
+              "speedup_vs_hf": round(hf_s / engine_s, 2), "max_speedup_vs_hf": round(hf_s / bound_s, 2),
+              "engine_over_bound": round(engine_s / bound_s, 2), "bandwidth_gbs": round(bandwidth, 1)}
+    log.info("engine %.1f s, transformers %.1f s (%.2fx); its matmuls through ATen %.1f s (best %.0f GFLOP/s); "
+             "roofline at %.1f GB/s and that rate %.1f s: at most %.2fx over transformers",
+             engine_s, hf_s, hf_s / engine_s, matmul_s, best_gflops, bandwidth, bound_s, hf_s / bound_s)
+    record(result, cfg)
+    return result["max_speedup_vs_hf"]
+
+
+if __name__ == "__main__":
+    main()
