@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from roofline import read_bandwidth_gbs  # noqa: E402
-from workloads import (engine_generate, hf_generate, load_hf_model, random_requests, record,  # noqa: E402
+from workloads import (engine_generate, hf_generate, load_hf_model, plot, random_requests, record,  # noqa: E402
                        resolve_bench_model)
 
 if TYPE_CHECKING:
@@ -141,7 +141,8 @@ def main(cfg: DictConfig) -> float:
     log.info("engine %.1f s, transformers %.1f s (%.2fx); its matmuls through ATen %.1f s (best %.0f GFLOP/s); "
              "roofline at %.1f GB/s and that rate %.1f s: at most %.2fx over transformers",
              engine_s, hf_s, hf_s / engine_s, matmul_s, best_gflops, bandwidth, bound_s, hf_s / bound_s)
-    record(result, cfg)
+    out = record(result, cfg)
+    log.info("results in %s (plot %s)", out, plot(out, "max_speedup_vs_hf", "most speed-up over transformers allowed"))
     return result["max_speedup_vs_hf"]
 
 
