@@ -201,8 +201,7 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=dev), paged
 
     def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[_PromptLogprobJob]]:
-        sampling_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                         if s.num_computed_tokens + n == s.num_tokens]
+        sampling_rows = batch.sampling_rows
         if batch.is_decode_only:
             pad = 0
             compiled = self.compiled is not None

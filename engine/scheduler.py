@@ -26,6 +26,12 @@ class ScheduledBatch:
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.num_new_tokens)
 
+    @property
+    def sampling_rows(self) -> list[int]:
+        """Rows whose last scheduled token ends their known tokens: they sample this step."""
+        return [i for i, (s, n) in enumerate(zip(self.seqs, self.num_new_tokens))
+                if s.num_computed_tokens + n == s.num_tokens]
+
 
 class Scheduler:
     def __init__(self, kv: KVManager, policy: str = "fcfs", max_running_requests: int = 64,

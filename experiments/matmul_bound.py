@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from roofline import read_bandwidth_gbs  # noqa: E402
-from workloads import (engine_generate, hf_generate, load_hf_model, plot, random_requests, record,  # noqa: E402
+from workloads import (engine_generate, hf_generate, load_hf_model, offline_workload, plot, record,  # noqa: E402
                        resolve_bench_model)
 
 if TYPE_CHECKING:
@@ -46,8 +46,7 @@ def record_schedule(llm: LLM) -> list[tuple[int, int]]:
 
     def recorded():
         batch = schedule()
-        logit_rows = sum(s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens))
-        steps.append((sum(batch.num_new_tokens), logit_rows))
+        steps.append((sum(batch.num_new_tokens), len(batch.sampling_rows)))
         return batch
 
     scheduler.schedule = recorded
@@ -93,13 +92,14 @@ def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Coun
         if device == "cuda":
             torch.cuda.synchronize()
 
+    layer_params = sum(i * o for i, o in shapes)
     measured = {}  # (tokens, logit rows) -> (seconds, flops, weight bytes)
     with torch.inference_mode():
         for tokens, logit_rows in steps:
             x = {k: torch.randn(tokens, k, dtype=dtype, device=device) for k, _ in shapes}
             hidden = torch.randn(logit_rows, mc.hidden_size, dtype=dtype, device=device)
-            flops = 2 * (tokens * sum(i * o for i, o in shapes) + logit_rows * lm_head.numel())
-            nbytes = sum(weights[shape].nbytes for shape in shapes) + (lm_head.nbytes if logit_rows else 0)
+            flops = 2 * (tokens * layer_params + logit_rows * lm_head.numel())
+            nbytes = (layer_params + (lm_head.numel() if logit_rows else 0)) * lm_head.element_size()
             measured[tokens, logit_rows] = fastest(functools.partial(step, x, hidden), repeats), flops, nbytes
     best_rate = max(flops / seconds for seconds, flops, _ in measured.values())
     total = sum(steps[k] * seconds for k, (seconds, _, _) in measured.items())
@@ -110,16 +110,12 @@ def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Coun
 
 @hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine import LLM
     from engine.llm_engine import parse_dtype
 
     resolve_bench_model(cfg)
     b = cfg.bench
     dtype = parse_dtype(cfg.dtype, cfg.device)
-    llm = LLM(config=cfg)
-    requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len),
-                               llm.engine.model_config.vocab_size, b.seed)
-    engine_generate(llm, requests[:4])  # warm-up: compiles the step graphs
+    llm, requests, _ = offline_workload(cfg)
     llm.engine.prefix_cache.reset()
     steps = record_schedule(llm)
     t = time.perf_counter()

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import (engine_generate, hf_generate, load_hf_model, plot, random_requests, record,  # noqa: E402
+from workloads import (engine_generate, hf_generate, load_hf_model, offline_workload, plot, record,  # noqa: E402
                        resolve_bench_model)
 
 log = logging.getLogger("offline_throughput")
@@ -28,7 +28,6 @@ def background_load() -> float:
 
 @hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine import LLM
     from engine.llm_engine import parse_dtype
 
     resolve_bench_model(cfg)
@@ -36,12 +35,7 @@ def main(cfg: DictConfig) -> float:
     if b.rounds < 1:
         raise ValueError(f"bench.rounds={b.rounds} must be at least 1")
     load_before = background_load()
-    t = time.perf_counter()
-    llm = LLM(config=cfg)
-    load_s = time.perf_counter() - t
-    requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len),
-                               llm.engine.model_config.vocab_size, b.seed)
-    engine_generate(llm, requests[:4])  # warm-up: compiles the step graphs
+    llm, requests, load_s = offline_workload(cfg)
     hf = load_hf_model(cfg.model.path, parse_dtype(cfg.dtype, cfg.device), cfg.device) if b.compare_hf else None
     # Engine and transformers alternate, round after round: on a machine whose speed drifts by 20-30%
     # over minutes, the ratio within a round is what holds; the median round is reported.

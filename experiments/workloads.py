@@ -140,6 +140,23 @@ def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, p
     return useful
 
 
+def offline_workload(cfg: DictConfig) -> tuple[Any, list[tuple[list[int], int]], float]:
+    """The engine for `cfg` with its step graphs compiled, the offline benchmark's requests, and the
+    seconds the engine took to load (compilation excluded)."""
+    import time
+
+    from engine import LLM
+
+    t = time.perf_counter()
+    llm = LLM(config=cfg)
+    load_s = time.perf_counter() - t
+    b = cfg.bench
+    requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len),
+                               llm.engine.model_config.vocab_size, b.seed)
+    engine_generate(llm, requests[:4])  # warm-up: compiles the step graphs
+    return llm, requests, load_s
+
+
 def engine_generate(llm, requests: list[tuple[list[int], int]], use_tqdm: bool = False) -> int:
     from engine import SamplingParams
 
