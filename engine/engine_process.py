@@ -13,26 +13,29 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
-
+from engine.config import EngineConfig
+from engine.models.source import resolve_model
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class AddRequest:
-    request_id: str
+class AddSequence:
+    seq_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
 
 
 @dataclass
-class AbortRequest:
-    request_id: str
+class AbortSequence:
+    seq_id: str
 
 
 @dataclass
@@ -67,74 +70,92 @@ class StepBatch:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def engine_main(cfg_dict: dict[str, Any], inbox: mp.Queue, outbox: mp.Queue) -> None:
-    """Entry point of the engine process: load, take the tokenizer's extra EOS ids, report ready, then step
-    while there is work."""
-    from engine.llm_engine import LLMEngine
-    from engine.models.source import resolve_model
+def engine_main(cfg: EngineConfig, inbox: mp.Queue, outbox: mp.Queue) -> None:
+    """Entry point of the engine process: load, hand-shake, then step while there is work."""
+    from engine.llm_engine import LLMEngine  # torch: only this process needs it, not the HTTP one
 
     parent = os.getppid()
     try:
-        cfg = OmegaConf.create(cfg_dict)
         engine = LLMEngine(cfg, resolve_model(cfg.model.path))
     except Exception as e:  # reported to the parent, which exits with the message
         outbox.put(EngineFailed(f"{type(e).__name__}: {e}"))
         return
-    while True:  # sent once the parent has loaded the tokenizer (both load at the same time)
+    if _handshake(engine, inbox, outbox, parent):
+        _serve(engine, inbox, outbox, parent)
+    engine.shutdown()
+
+
+def _handshake(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue, parent: int) -> bool:
+    """Take the tokenizer's extra EOS ids (sent once the parent has loaded it; both load at the same time)
+    and report ready. False if the parent died or asked to shut down meanwhile."""
+    while True:
         try:
             first = inbox.get(timeout=1.0)
             break
         except queue.Empty:
             if os.getppid() != parent:
-                first = Shutdown()  # the parent died while loading
-                break
+                return False
     if isinstance(first, Shutdown):
-        engine.shutdown()
-        return
+        return False
     engine.eos_token_ids.update(first.token_ids)
     outbox.put(EngineReady(os.getpid(), engine.max_model_len, engine.model_config.vocab_size, engine.stats(),
                            [w.pid for w in engine.workers]))
+    return True
+
+
+def _serve(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue, parent: int) -> None:
+    """Apply what arrived, step once, report; until told to shut down or orphaned."""
     while True:
-        messages = []
-        try:
-            # Block only when idle; while sequences run, take whatever arrived and keep stepping.
-            messages.append(inbox.get(timeout=0.5) if not engine.has_unfinished() else inbox.get_nowait())
-            while True:
-                messages.append(inbox.get_nowait())
-        except queue.Empty:
-            pass
+        messages = _drain(inbox, block=not engine.has_unfinished())
         if not messages and not engine.has_unfinished():
             if os.getppid() != parent:
                 return  # orphaned: the HTTP process is gone
             engine.check_health()  # a dead tensor-parallel rank ends this process, so /health turns red
-        outputs: list[StepOutput] = []
-        for m in messages:
-            if isinstance(m, Shutdown):
-                engine.shutdown()
-                return
-            if isinstance(m, AbortRequest):
-                engine.abort_request(m.request_id)
-            elif isinstance(m, AddRequest):
-                try:
-                    engine.add_request(m.request_id, m.prompt_token_ids, m.params)
-                except ValueError as e:
-                    outputs.append(StepOutput(m.request_id, [], finished=True, finish_reason="error", error=str(e)))
+        if any(isinstance(m, Shutdown) for m in messages):
+            return
+        outputs = _apply(engine, messages)
         if engine.has_unfinished():
             outputs.extend(engine.step())
         if outputs or messages:
             outbox.put(StepBatch(outputs, engine.stats()))
 
 
+def _drain(inbox: mp.Queue, block: bool) -> list[Any]:
+    """Everything in the inbox; waits a little for the first message only when the engine is idle."""
+    messages = []
+    try:
+        messages.append(inbox.get(timeout=0.5) if block else inbox.get_nowait())
+        while True:
+            messages.append(inbox.get_nowait())
+    except queue.Empty:
+        pass
+    return messages
+
+
+def _apply(engine: LLMEngine, messages: list[Any]) -> list[StepOutput]:
+    """Add and abort sequences; a sequence the engine refuses comes back as an error output."""
+    outputs = []
+    for m in messages:
+        if isinstance(m, AbortSequence):
+            engine.abort_sequence(m.seq_id)
+        elif isinstance(m, AddSequence):
+            try:
+                engine.add_sequence(m.seq_id, m.prompt_token_ids, m.params)
+            except ValueError as e:
+                outputs.append(StepOutput(m.seq_id, [], finished=True, finish_reason="error", error=str(e)))
+    return outputs
+
+
 class EngineClient:
     """Starts the engine process and relays its outputs into the asyncio loop of the HTTP process."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: EngineConfig) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
         # Not a daemon: it starts tensor-parallel ranks of its own. It exits when orphaned (see engine_main).
         self.process = ctx.Process(target=engine_main, name="engine", daemon=False,
-                                   args=(OmegaConf.to_container(cfg, resolve=True), self.inbox, self.outbox))
+                                   args=(cfg, self.inbox, self.outbox))
         self.info: EngineReady | None = None
         self.stats: dict[str, int] = {}
         self.dead_reason: str | None = None
@@ -169,12 +190,12 @@ class EngineClient:
     def alive(self) -> bool:
         return self.dead_reason is None and self.process.is_alive()
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.inbox.put(AddRequest(request_id, prompt_token_ids, params))
+    def add(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.inbox.put(AddSequence(seq_id, prompt_token_ids, params))
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, seq_id: str) -> None:
         if self.alive:
-            self.inbox.put(AbortRequest(request_id))
+            self.inbox.put(AbortSequence(seq_id))
 
     def relay(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[StepBatch], None],
               on_death: Callable[[str], None]) -> threading.Thread:

@@ -20,7 +20,7 @@ class Completion:
     """Frontend state of one engine sequence (one of a request's n choices)."""
 
     index: int
-    sequence_id: str
+    seq_id: str
     text: TextState
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -48,7 +48,7 @@ class TrackedRequest:
 
     def engine_requests(self) -> list[tuple[str, SamplingParams]]:
         """(sequence id, params) per choice; seeded choices get consecutive seeds so they differ."""
-        return [(c.sequence_id, self.params if self.params.seed is None
+        return [(c.seq_id, self.params if self.params.seed is None
                  else dataclasses.replace(self.params, seed=self.params.seed + c.index)) for c in self.choices]
 
     def output(self) -> RequestOutput:
@@ -79,11 +79,11 @@ class OutputProcessor:
                    for i in range(params.n)]
         req = TrackedRequest(rid, prompt, prompt_token_ids, params, choices, sink)
         for c in choices:
-            self.live[c.sequence_id] = (req, c)
+            self.live[c.seq_id] = (req, c)
         return req
 
     def process(self, out: StepOutput) -> None:
-        owner = self.live.get(out.request_id)
+        owner = self.live.get(out.seq_id)
         if owner is None:  # aborted by the frontend while the step was running
             return
         req, c = owner
@@ -94,18 +94,18 @@ class OutputProcessor:
             req.prompt_logprobs = out.prompt_logprobs
         delta = c.text.update(out.new_token_ids, out.finished)
         if c.text.stopped and not out.finished:
-            self.abort_sequence(c.sequence_id)
+            self.abort_sequence(c.seq_id)
         if out.finished or c.text.stopped:
             c.finish_reason = "stop" if c.text.stopped else out.finish_reason
-            del self.live[c.sequence_id]
+            del self.live[c.seq_id]
         if req.sink is not None:
             req.sink(c, delta, out)
 
     def abort(self, req: TrackedRequest, reason: str = "abort") -> None:
         """Stop every unfinished choice of `req` in the engine and forget it."""
         for c in req.choices:
-            if self.live.pop(c.sequence_id, None) is not None:
-                self.abort_sequence(c.sequence_id)
+            if self.live.pop(c.seq_id, None) is not None:
+                self.abort_sequence(c.seq_id)
                 c.finish_reason = reason
 
     def fail_all(self, message: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from engine.kv_cache import PageAllocator
+from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence
 
 
@@ -10,7 +11,7 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
 
 
 class KVManager:
-    def __init__(self, allocator: PageAllocator, prefix_cache, page_size: int) -> None:
+    def __init__(self, allocator: PageAllocator, prefix_cache: PrefixCache, page_size: int) -> None:
         self.allocator = allocator
         self.cache = prefix_cache
         self.page_size = page_size

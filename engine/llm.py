@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Sequence as Seq
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from engine.config import compose_config
+from engine.config import EngineConfig, compose_config
 from engine.llm_engine import LLMEngine
 from engine.models.source import resolve_model
 from engine.frontend import OutputProcessor, Sink, TrackedRequest
@@ -27,16 +26,17 @@ class LLM:
 
     Overrides take config group choices (`scheduler="lpm"`, `cache="none"`, `attention="flex"`) and
     values (`page_size=16`, `max_num_batched_tokens=256`, `enforce_eager=True`, `**{"compile.mode": ...}`).
+    `config=` takes a whole `EngineConfig` instead (what `compose_config` or a Hydra app built).
     """
 
     def __init__(self, model_path: str | None = None, dtype: torch.dtype | str = "auto", *,
-                 config: DictConfig | None = None, **overrides: Any) -> None:
+                 config: EngineConfig | None = None, **overrides: Any) -> None:
         self.config = config if config is not None else compose_config(model_path, dtype, **overrides)
         source = resolve_model(self.config.model.path)
         self.tokenizer = load_tokenizer(source)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.engine = LLMEngine(self.config, source, extra_eos=eos)
-        self.frontend = OutputProcessor(self.tokenizer, self.engine.abort_request)
+        self.frontend = OutputProcessor(self.tokenizer, self.engine.abort_sequence)
         self._lock = threading.RLock()
         self._driver: asyncio.Task | None = None
 
@@ -86,7 +86,7 @@ class LLM:
             try:
                 for sid, p in req.engine_requests():
                     # Each choice is its own sequence; the radix cache lets them share the prompt's KV.
-                    self.engine.add_request(sid, ids, p)
+                    self.engine.add_sequence(sid, ids, p)
             except Exception:
                 self.frontend.abort(req)  # withdraws the choices already added
                 raise

@@ -1,6 +1,10 @@
-"""OpenAI request parsing and response shapes (chat.completion, text_completion, their chunks, errors)."""
+"""OpenAI request parsing and response shapes (chat.completion, text_completion, their SSE chunks, errors).
+
+Pure functions of request bodies and finished or streamed choices: the HTTP handlers in server.py
+decide when to send what, this module decides what it looks like on the wire."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "repetition_penalty": (_NUMBER, "a number"), "ignore_eos": ((bool,), "a boolean"),
     "seed": ((int,), "an integer"), "stop_token_ids": ((list,), "a list of token ids"),
     "skip_special_tokens": ((bool,), "a boolean"), "include_stop_str_in_output": ((bool,), "a boolean"),
+    "priority": ((int,), "an integer"),
 }
 
 
@@ -145,6 +150,49 @@ class ResponseHeader:
     def wrap(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload`."""
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def object_name(chat: bool, chunk: bool) -> str:
+    if chat:
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def role_choice(index: int) -> dict[str, Any]:
+    """The first chunk of a streamed chat choice: the assistant role, no content yet."""
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def delta_choice(index: int, chat: bool, text: str, logprobs: dict[str, Any] | None,
+                 finish_reason: str | None) -> dict[str, Any]:
+    """A streamed piece of a choice."""
+    body = {"delta": {"content": text} if text else {}} if chat else {"text": text}
+    return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def final_choice(index: int, chat: bool, text: str, logprobs: dict[str, Any] | None,
+                 finish_reason: str | None) -> dict[str, Any]:
+    """A whole choice of a non-streamed response."""
+    body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def choice_logprobs(tokenizer: PreTrainedTokenizerBase, chat: bool, token_ids: list[int],
+                    logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    return (chat_logprobs if chat else completion_logprobs)(tokenizer, token_ids, logprobs)
+
+
+def total_usage(usages: list[Usage]) -> Usage:
+    return Usage(sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages),
+                 sum(u.cached_tokens for u in usages))
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:

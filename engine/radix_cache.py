@@ -1,9 +1,8 @@
-"""Prefix caches over the paged pool.
+"""The radix-tree prefix cache over the paged pool (`cache=radix`).
 
 `RadixCache` keeps computed KV pages in a radix tree keyed by token ids, one edge label being a whole
 number of pages. Sequences lock the node their prefix ends at (a reference count on the path to the
 root); unlocked leaves are evicted least-recently-used first when the allocator runs dry.
-`NoPrefixCache` has the same interface and never shares anything.
 """
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import heapq
 import itertools
 
 from engine.kv_cache import PageAllocator
+from engine.prefix_cache import PrefixCache
 
 
 class _Node:
@@ -28,13 +28,12 @@ class _Node:
         return self.last_access < other.last_access
 
 
-class RadixCache:
+class RadixCache(PrefixCache):
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
-        self.allocator = allocator
-        self.page_size = page_size
+        super().__init__(allocator, page_size)
         self.root = _Node((), [], None)
         self.root.lock_ref = 1  # never evicted
-        self.evictable_pages = 0
+        self._evictable = 0
         self._clock = itertools.count(1)
 
     # -- lookup ------------------------------------------------------------------------------------
@@ -67,9 +66,6 @@ class RadixCache:
             node = child
         return node, pages
 
-    def match_length(self, tokens: list[int]) -> int:
-        return len(self.match(tokens)[1]) * self.page_size
-
     def _split(self, node: _Node, k: int) -> _Node:
         """Cut `node`'s edge after k pages; returns the new upper half."""
         cut = k * self.page_size
@@ -98,7 +94,7 @@ class RadixCache:
                 new = _Node(tuple(tokens[i * self.page_size:]), list(pages[i:]), node)
                 new.last_access = now
                 node.children[new.key[:self.page_size]] = new
-                self.evictable_pages += len(new.pages)
+                self._evictable += len(new.pages)
                 return new, out + new.pages
             k = self._common_pages(child, tokens, i, len(pages) - i)
             if k < len(child.pages):
@@ -116,7 +112,7 @@ class RadixCache:
     def lock(self, node: _Node | None) -> None:
         while node is not None:
             if node.lock_ref == 0:
-                self.evictable_pages -= len(node.pages)
+                self._evictable -= len(node.pages)
             node.lock_ref += 1
             node = node.parent
 
@@ -125,7 +121,7 @@ class RadixCache:
             node.lock_ref -= 1
             assert node.lock_ref >= 0, "prefix cache node unlocked more often than locked"
             if node.lock_ref == 0:
-                self.evictable_pages += len(node.pages)
+                self._evictable += len(node.pages)
             node = node.parent
 
     def evict(self, num_pages: int) -> int:
@@ -137,7 +133,7 @@ class RadixCache:
             leaf = heapq.heappop(heap)
             self.allocator.free(leaf.pages)
             freed += len(leaf.pages)
-            self.evictable_pages -= len(leaf.pages)
+            self._evictable -= len(leaf.pages)
             parent = leaf.parent
             del parent.children[leaf.key[:self.page_size]]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
@@ -163,38 +159,6 @@ class RadixCache:
             stack.extend(node.children.values())
         return total
 
-    def reset(self) -> None:
-        """Drop every unreferenced page (e.g. between benchmark runs)."""
-        self.evict(self.evictable_pages)
-
-
-class NoPrefixCache:
-    """Same interface, no sharing: sequences own all their pages."""
-
-    evictable_pages = 0
-    total_pages = 0
-
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
-        self.allocator = allocator
-        self.page_size = page_size
-
-    def match(self, tokens: list[int]) -> tuple[None, list[int]]:
-        return None, []
-
-    def match_length(self, tokens: list[int]) -> int:
-        return 0
-
-    def insert(self, tokens: list[int], pages: list[int]) -> tuple[None, list[int]]:
-        return None, []
-
-    def lock(self, node: None) -> None:
-        pass
-
-    def unlock(self, node: None) -> None:
-        pass
-
-    def evict(self, num_pages: int) -> int:
-        return 0
-
-    def reset(self) -> None:
-        pass
+    @property
+    def evictable_pages(self) -> int:
+        return self._evictable

@@ -34,6 +34,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # logprob of every prompt token (plus k alternatives)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0                 # scheduler=priority admits lower values first (vLLM's convention)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,7 +51,7 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidParameter:
             return InvalidParameter(name, f"invalid {name}={getattr(self, name)!r}: {why}")
 
-        for name in ("n", "max_tokens", "top_k", "top_logprobs"):
+        for name in ("n", "max_tokens", "top_k", "top_logprobs", "priority"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise bad(name, "must be an integer")

@@ -12,9 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.kv_manager import KVManager
+from engine.policies.base import AdmissionPolicy
 from engine.sequence import Sequence, Status
-
-POLICIES = ("fcfs", "lpm")
 
 
 @dataclass
@@ -34,14 +33,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, policy: str = "fcfs", max_running_requests: int = 64,
-                 max_num_batched_tokens: int = 512) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"invalid scheduler.policy={policy!r}: expected one of {POLICIES}")
-        if max_running_requests < 1:
-            raise ValueError(f"invalid scheduler.max_running_requests={max_running_requests}: must be >= 1")
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"invalid scheduler.max_num_batched_tokens={max_num_batched_tokens}: must be >= 1")
+    """Limits come validated from `SchedulerConfig`; the policy orders admission (engine/policies/)."""
+
+    def __init__(self, kv: KVManager, policy: AdmissionPolicy, max_running_requests: int,
+                 max_num_batched_tokens: int) -> None:
         self.kv = kv
         self.policy = policy
         self.max_running = max_running_requests
@@ -99,7 +94,7 @@ class Scheduler:
 
         # Admitting while others were just preempted for lack of pages would only thrash.
         if not preempted:
-            self._order_waiting()
+            self.waiting = deque(self.policy.order(list(self.waiting), self.kv))
             while self.waiting and budget > 0 and len(self.running) < self.max_running:
                 seq = self.waiting[0]
                 if not self.kv.admit(seq):
@@ -112,9 +107,3 @@ class Scheduler:
                 counts.append(n)
                 budget -= n
         return ScheduledBatch(seqs, counts)
-
-    def _order_waiting(self) -> None:
-        if self.policy == "lpm" and len(self.waiting) > 1:
-            # Stable sort: equal matches keep arrival order. Preempted sequences stay in front.
-            ranked = sorted(self.waiting, key=lambda s: (s.num_preemptions == 0, -self.kv.prefix_match_length(s)))
-            self.waiting = deque(ranked)

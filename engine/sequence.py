@@ -18,7 +18,7 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
-    request_id: str
+    seq_id: str                                    # one choice of one request (the frontend's "req-3/1")
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int                                   # admission order; preemption picks the newest

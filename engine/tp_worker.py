@@ -13,17 +13,15 @@ import os
 import sys
 import threading
 import time
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+import torch.distributed as dist
 
-
-def ranks_of_node(cfg: DictConfig, node_rank: int) -> range:
-    tp, nnodes = int(cfg.parallel.tp), int(cfg.parallel.nnodes)
-    if tp % nnodes:
-        raise ValueError(f"invalid parallel.nnodes={nnodes}: parallel.tp={tp} must divide evenly over the nodes")
-    per_node = tp // nnodes
-    return range(node_rank * per_node, (node_rank + 1) * per_node)
+from engine.config import EngineConfig, compose_overrides
+from engine.model_runner import build_runner
+from engine.models.loader import load_config
+from engine.models.source import resolve_model
+from engine.parallel import TPGroup, init_distributed
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -33,49 +31,34 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def worker_main(cfg_dict: dict[str, Any], rank: int, num_pages: int) -> None:
-    import torch.distributed as dist
-
-    from engine.llm_engine import parse_dtype
-    from engine.model_runner import build_runner
-    from engine.models.loader import load_config
-    from engine.models.source import resolve_model
-    from engine.parallel import TPGroup, init_distributed
-
+def worker_main(cfg: EngineConfig, rank: int, num_pages: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    cfg = OmegaConf.create(cfg_dict)
     p = cfg.parallel
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(p.tp)))
-    init_distributed(rank, int(p.tp), p.master_addr, int(p.master_port), p.backend, float(p.timeout_s))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.tp))
+    init_distributed(rank, p.tp, p.master_addr, p.master_port, p.backend, p.timeout_s)
     source = resolve_model(cfg.model.path)
-    runner, _ = build_runner(cfg, source, load_config(source), num_pages, parse_dtype(cfg.dtype, cfg.device),
-                             torch.device(cfg.device), TPGroup(rank, int(p.tp)))
+    runner, _ = build_runner(cfg, source, load_config(source), num_pages, TPGroup(rank, p.tp))
     try:
         runner.serve_rank()
     finally:
         dist.destroy_process_group()
 
 
-def start_local_ranks(cfg: DictConfig, ranks: range, num_pages: int) -> list[mp.Process]:
+def start_local_ranks(cfg: EngineConfig, ranks: range, num_pages: int) -> list[mp.Process]:
     ctx = mp.get_context("spawn")
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     procs = []
     for rank in ranks:
-        proc = ctx.Process(target=worker_main, args=(cfg_dict, rank, num_pages), name=f"tp-rank-{rank}", daemon=True)
+        proc = ctx.Process(target=worker_main, args=(cfg, rank, num_pages), name=f"tp-rank-{rank}", daemon=True)
         proc.start()
         procs.append(proc)
     return procs
 
 
 def main(argv: list[str]) -> None:
-    from engine.config import compose_overrides
-
     cfg = compose_overrides(argv)
     if cfg.parallel.master_port is None or cfg.kv_cache.num_pages is None:
         sys.exit("error: other nodes need parallel.master_port and kv_cache.num_pages as rank 0 logged them")
-    procs = start_local_ranks(cfg, ranks_of_node(cfg, int(cfg.parallel.node_rank)), int(cfg.kv_cache.num_pages))
+    procs = start_local_ranks(cfg, cfg.parallel.ranks_of_node(cfg.parallel.node_rank), cfg.kv_cache.num_pages)
     for proc in procs:
         proc.join()
     sys.exit(max(p.exitcode or 0 for p in procs))

@@ -22,18 +22,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import hydra
+import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
+
+from engine import LLM
+from engine.config import EngineConfig
+from engine.models.transformer import ModelConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from roofline import read_bandwidth_gbs  # noqa: E402
-from workloads import (engine_generate, hf_generate, load_hf_model, offline_workload, plot, record,  # noqa: E402
-                       resolve_bench_model)
+from workloads import engine_generate, hf_generate, load_hf_model, offline_workload, plot, record, resolve_bench_model  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
 
-    from engine import LLM
-    from engine.models.transformer import ModelConfig
 
 log = logging.getLogger("matmul_bound")
 
@@ -77,8 +80,6 @@ def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Coun
     each step's shape, summed; the best rate (GFLOP/s) any step reached; and a roofline bound in which
     every step takes the longer of reading its weights once at `bandwidth_gbs` and its FLOPs at that
     best rate."""
-    import torch
-    import torch.nn.functional as F
 
     shapes = linear_shapes(mc)
     weights = {shape: torch.randn(shape[1], shape[0], dtype=dtype, device=device) for shape in set(shapes)}
@@ -110,11 +111,10 @@ def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Coun
 
 @hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine.llm_engine import parse_dtype
 
     resolve_bench_model(cfg)
     b = cfg.bench
-    dtype = parse_dtype(cfg.dtype, cfg.device)
+    dtype = EngineConfig.from_dictconfig(cfg).torch_dtype
     llm, requests, _ = offline_workload(cfg)
     llm.engine.prefix_cache.reset()
     steps = record_schedule(llm)

@@ -15,9 +15,10 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from engine.config import EngineConfig
+
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import (engine_generate, hf_generate, load_hf_model, offline_workload, plot, record,  # noqa: E402
-                       resolve_bench_model)
+from workloads import engine_generate, hf_generate, load_hf_model, offline_workload, plot, record, resolve_bench_model  # noqa: E402
 
 log = logging.getLogger("offline_throughput")
 
@@ -28,7 +29,6 @@ def background_load() -> float:
 
 @hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine.llm_engine import parse_dtype
 
     resolve_bench_model(cfg)
     b = cfg.bench
@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> float:
         raise ValueError(f"bench.rounds={b.rounds} must be at least 1")
     load_before = background_load()
     llm, requests, load_s = offline_workload(cfg)
-    hf = load_hf_model(cfg.model.path, parse_dtype(cfg.dtype, cfg.device), cfg.device) if b.compare_hf else None
+    hf = load_hf_model(cfg.model.path, EngineConfig.from_dictconfig(cfg).torch_dtype, cfg.device) if b.compare_hf else None
     # Engine and transformers alternate, round after round: on a machine whose speed drifts by 20-30%
     # over minutes, the ratio within a round is what holds; the median round is reported.
     rounds = []

@@ -13,6 +13,9 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from engine import LLM
+from engine.config import EngineConfig
+
 sys.path.insert(0, os.path.dirname(__file__))
 from workloads import engine_generate, plot, record, resolve_bench_model  # noqa: E402
 
@@ -21,11 +24,10 @@ log = logging.getLogger("prefix_sharing")
 
 @hydra.main(config_path="../configs", config_name="prefix_sharing", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine import LLM
 
     resolve_bench_model(cfg)
     b = cfg.bench
-    llm = LLM(config=cfg)
+    llm = LLM(config=EngineConfig.from_dictconfig(cfg))
     rng = random.Random(b.seed)
     vocab = llm.engine.model_config.vocab_size
     shared = [rng.randrange(100, vocab - 100) for _ in range(b.shared_prefix_len)]

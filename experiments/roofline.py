@@ -15,6 +15,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+
 sys.path.insert(0, os.path.dirname(__file__))
 from workloads import record, resolve_bench_model  # noqa: E402
 
@@ -41,7 +44,6 @@ def read_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
 
 
 def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
-    from engine import SamplingParams
 
     eng = llm.engine
     # Prefill is chunked by the token budget: the first rows decode while later ones still prefill, so
@@ -74,11 +76,10 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
 
 @hydra.main(config_path="../configs", config_name="roofline", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from engine import LLM
 
     resolve_bench_model(cfg)
     b = cfg.bench
-    llm = LLM(config=cfg)
+    llm = LLM(config=EngineConfig.from_dictconfig(cfg))
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.engine.model.parameters()}.values())
     log.info("weights %.0f MB (%s)", weight_bytes / 2**20, llm.engine.dtype)
     decode_step_ms(llm, 1, b.context_len, 4)  # warm-up / compile

@@ -11,7 +11,9 @@ import os
 import sys
 import time
 
+import httpx
 import hydra
+import openai
 from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -22,7 +24,6 @@ log = logging.getLogger("startup")
 
 
 def gauge(url: str, name: str) -> float:
-    import httpx
 
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith(name + " "):
@@ -32,7 +33,6 @@ def gauge(url: str, name: str) -> float:
 
 @hydra.main(config_path="../configs", config_name="serving", version_base=None)
 def main(cfg: DictConfig) -> float:
-    import openai
 
     resolve_bench_model(cfg)
     t0 = time.perf_counter()

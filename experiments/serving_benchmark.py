@@ -19,9 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import hydra
+import openai
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
+
+from engine.models.loader import load_config
+from engine.models.source import resolve_model, served_model_name
 
 sys.path.insert(0, os.path.dirname(__file__))
 from workloads import plot, random_requests, record, resolve_bench_model  # noqa: E402
@@ -54,7 +59,6 @@ def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subproce
         cmd.append(f"model.path={cfg.model.path}")
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    import httpx
 
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -71,7 +75,6 @@ def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subproce
 
 async def run_load(url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int,
                    rate: float | None, seed: int) -> dict:
-    import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", timeout=600, max_retries=0)
     sem = asyncio.Semaphore(concurrency if rate is None else len(requests))
@@ -116,8 +119,6 @@ async def run_load(url: str, model: str, requests: list[tuple[list[int], int]], 
 
 @hydra.main(config_path="../configs", config_name="serving", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from engine.models.loader import load_config
-    from engine.models.source import resolve_model, served_model_name
 
     resolve_bench_model(cfg)
     b = cfg.bench
@@ -125,7 +126,6 @@ def main(cfg: DictConfig) -> float:
     requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len), vocab, b.seed)
     proc, url = (None, b.url) if b.url else start_server(cfg)
     try:
-        import httpx
 
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"] if url else served_model_name(None, None)
         asyncio.run(run_load(url, model, requests[:2], 2, None, b.seed))  # warm-up (compile)

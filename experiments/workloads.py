@@ -1,14 +1,22 @@
 """Workloads and result plumbing shared by the experiment scripts."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.models.source import engine_cache_dir, resolve_model
 
 QWEN3_0P6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -17,12 +25,8 @@ QWEN3_0P6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
 
 def random_qwen3_checkpoint(cache: Path | None = None) -> Path:
     """A Qwen3-0.6B-shaped checkpoint with random weights and the real Qwen3 tokenizer (built once)."""
-    import importlib.util
 
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from engine.models.source import engine_cache_dir
 
     cache = cache or engine_cache_dir()
     path = cache / "random-qwen3-0.6b"
@@ -68,9 +72,8 @@ def record(result: dict[str, Any], cfg: DictConfig) -> Path:
     """Append one result to results.jsonl (and a CSV) in the results directory; returns the directory."""
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
-    from engine.llm_engine import parse_dtype
 
-    dtype = str(parse_dtype(cfg.dtype, cfg.device)).removeprefix("torch.")
+    dtype = str(EngineConfig.from_dictconfig(cfg).torch_dtype).removeprefix("torch.")
     row = {**choices(), "dtype": dtype, "compile": cfg.compile.enabled, **result}
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -110,9 +113,7 @@ def plot(out: Path, metric: str, title: str) -> Path:
 
 def load_hf_model(model_path: str | None, dtype, device: str = "cpu"):
     """The same checkpoint through transformers (the baseline), on the same dtype and device."""
-    from transformers import AutoModelForCausalLM
 
-    from engine.models.source import resolve_model
 
     src = resolve_model(model_path)
     if src.is_gguf:
@@ -124,7 +125,6 @@ def load_hf_model(model_path: str | None, dtype, device: str = "cpu"):
 
 def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int = 0) -> int:
     """transformers' batched greedy generate over static, left-padded batches; returns tokens asked for."""
-    import torch
 
     useful = 0
     with torch.inference_mode():
@@ -143,12 +143,10 @@ def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, p
 def offline_workload(cfg: DictConfig) -> tuple[Any, list[tuple[list[int], int]], float]:
     """The engine for `cfg` with its step graphs compiled, the offline benchmark's requests, and the
     seconds the engine took to load (compilation excluded)."""
-    import time
 
-    from engine import LLM
 
     t = time.perf_counter()
-    llm = LLM(config=cfg)
+    llm = LLM(config=EngineConfig.from_dictconfig(cfg))
     load_s = time.perf_counter() - t
     b = cfg.bench
     requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len),
@@ -158,7 +156,6 @@ def offline_workload(cfg: DictConfig) -> tuple[Any, list[tuple[list[int], int]],
 
 
 def engine_generate(llm, requests: list[tuple[list[int], int]], use_tqdm: bool = False) -> int:
-    from engine import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
     outs = llm.generate_outputs([p for p, _ in requests], params, use_tqdm=use_tqdm)

@@ -79,3 +79,8 @@ class FlexPagedAttention(PagedAttentionBase):
         values = vc.view(1, -1, *vc.shape[2:])[:, :span].transpose(1, 2)
         out = _flex_outside_caller_graph(self.pad_queries(q, batch), keys, values, block_mask)
         return self.unpad(out, batch)
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: tuple[PagedBatch, BlockMask]) -> torch.Tensor:
+        # The block mask already covers one query per row; nothing to specialise.
+        return self.forward(layer, q, k, v, meta)

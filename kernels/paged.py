@@ -1,7 +1,10 @@
-"""What every paged attention backend shares: the per-step batch layout and the K/V cache write."""
+"""The paged attention interface (`attention=` picks an implementation): the per-step batch layout,
+the three paths a backend provides (prefill/mixed steps, compiled decode steps, the opaque op of the
+compiled prefill graph) and the K/V cache write they share."""
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -25,8 +28,19 @@ class PagedBatch:
         return self.page_table.shape[0]
 
 
-class PagedAttentionBase:
-    """Holds the pool's per-layer tensors; subclasses turn a PagedBatch into attention over them."""
+@dataclass
+class DecodeStep:
+    """Metadata of a compiled decode-only step (one new token per row); `attend` routes it to `decode`."""
+
+    meta: Any
+
+
+class PagedAttentionBase(ABC):
+    """Holds the pool's per-layer tensors; subclasses turn a PagedBatch into attention over them.
+
+    A step's metadata comes from `prepare` (or `prepare_decode` for the compiled decode graph), built
+    once per step outside the per-layer loop; `attend` picks the path from what it is given.
+    """
 
     supports_dynamic_shapes = True  # may a compiled caller trace it with symbolic sizes?
 
@@ -42,12 +56,21 @@ class PagedAttentionBase:
         shapes off the size-1 specialisation; backends compiled with static shapes round further."""
         return max(2, pages)
 
+    @abstractmethod
     def prepare(self, batch: PagedBatch) -> Any:
-        """Per-step metadata shared by all layers (built once, outside the per-layer loop)."""
-        raise NotImplementedError
+        """Metadata for `forward`: any step, rows of any query length, run eagerly or as the opaque op."""
 
+    def prepare_decode(self, batch: PagedBatch) -> Any:
+        """Metadata for `decode` (every row has one new token)."""
+        return self.prepare(batch)
+
+    @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """Write this step's K/V and attend: [T, H, D] flattened queries of any mix of rows -> [T, H, D]."""
+
+    @abstractmethod
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+        """`forward` for one query per row, traced into the compiled decode graph."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         """Attention for one layer. `meta` is None inside a compiled prefill graph: there attention is one
@@ -56,6 +79,8 @@ class PagedAttentionBase:
         data-dependent attention (request lengths, prefill/decode groups) stays eager."""
         if meta is None:
             return torch.ops.engine.paged_attention(q, k, v, layer)
+        if isinstance(meta, DecodeStep):
+            return self.decode(layer, q, k, v, meta.meta)
         return self.forward(layer, q, k, v, meta)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -3,7 +3,7 @@
 Each row's pages are gathered into a contiguous [B, Hkv, P*page_size, D] view of its context; a
 boolean mask (position <= query position) covers causality, padding and stale slots at once. GQA is
 left to SDPA (`enable_gqa`), which measured ~15x faster here than repeating K/V heads. Compiled
-decode steps (one query per row) skip the gather and use `paged_decode_attention` instead.
+decode steps (one query per row) skip the gather and the mask: `decode` runs `paged_decode_attention`.
 """
 from __future__ import annotations
 
@@ -45,6 +45,14 @@ class SDPAAttention(PagedAttentionBase):
             groups.append((tokens, sub, self._mask(sub)))
         return batch, groups
 
+    def prepare_decode(self, batch: PagedBatch) -> PagedBatch:
+        return batch
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: PagedBatch) -> torch.Tensor:
+        self.write_kv(layer, k, v, batch.slot_mapping)
+        return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table, batch.positions)
+
     def _mask(self, batch: PagedBatch) -> torch.Tensor:
         """[B, 1, L, S]: a slot is visible up to the query's own position (causality, padding, stale slots)."""
         context = batch.page_table.shape[1] * self.page_size
@@ -63,13 +71,7 @@ class SDPAAttention(PagedAttentionBase):
         batch, groups = meta
         self.write_kv(layer, k, v, batch.slot_mapping)
         if groups[0][0] is None:
-            mask = groups[0][2]
-            # The flag is process-wide: eager steps running while another thread compiles (background
-            # warm-up) take this path too, slower but with the same result.
-            if batch.pad_index is None and torch.compiler.is_compiling():
-                return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table,
-                                              batch.positions)
-            return self._attend(layer, q, batch, mask)
+            return self._attend(layer, q, batch, groups[0][2])
         out = torch.empty_like(q)
         for tokens, sub, mask in groups:
             out.index_copy_(0, tokens, self._attend(layer, q.index_select(0, tokens), sub, mask))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from engine.kv_cache import PageAllocator
-from engine.radix_cache import NoPrefixCache, RadixCache
+from engine.prefix_cache import NoPrefixCache
+from engine.radix_cache import RadixCache
 
 PS = 2
 

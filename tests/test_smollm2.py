@@ -26,7 +26,7 @@ def smollm2():
 
 
 def test_default_model_is_embedded_smollm2(smollm2):
-    assert smollm2.config.model.name == "smollm2"
+    assert smollm2.config.model.path is None  # the default config names no checkpoint: the embedded one
     mc = smollm2.engine.model_config
     assert (mc.architecture, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.vocab_size) == ("llama", 30, 9, 3, 49152)
     assert mc.tie_word_embeddings

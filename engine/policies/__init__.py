@@ -1,0 +1,1 @@
+"""Admission policies of the scheduler, one file each; `configs/scheduler/<name>.yaml` picks one."""

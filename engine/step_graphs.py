@@ -1,0 +1,135 @@
+"""Compilation of the runner's two step graphs, in one place: options per device, when they compile
+(lazily, or on a background thread while steps run eagerly), and the warm-up that builds them.
+
+The decode graph traces a whole decode-only step, attention included (`PagedAttentionBase.decode`);
+on CUDA `mode=auto` records it as CUDA graphs. The prefill graph traces steps carrying prefill chunks,
+attention being one opaque eager op per layer (kernels/paged.py). `decode`/`prefill` stay None until a
+graph is usable; the runner runs eagerly until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.config import CompileConfig
+from engine.kv_cache import SCRATCH_PAGE
+from kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
+
+log = logging.getLogger(__name__)
+
+# (input_ids, positions, meta) -> logits of every token / (input_ids, positions, rows) -> logits of rows
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+PrefillFn = Callable[..., torch.Tensor]
+
+
+class StepGraphs:
+    def __init__(self, decode_fn: DecodeFn, prefill_fn: PrefillFn, backend: PagedAttentionBase,
+                 cfg: CompileConfig, device: torch.device, tp_size: int, prefill_tokens: int) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.device = device
+        self.prefill_tokens = prefill_tokens  # a full chunk: the shape the prefill graph is tuned for
+        self.decode: DecodeFn | None = None
+        self.prefill: PrefillFn | None = None
+        self.ready = threading.Event()  # set once both are assigned
+        if not cfg.enabled:
+            return
+        # Under tensor parallelism every rank must compile in the same step (the graphs hold
+        # collectives), so ranks compile when rank 0's first compiled plan arrives. On CUDA, compiling
+        # and capturing graphs on one thread while another runs eager steps segfaulted (H200, torch
+        # 2.11), so there too the graphs are built by the first decode steps.
+        if cfg.warmup == "background" and tp_size == 1 and device.type != "cuda":
+            threading.Thread(target=self.warm_up, args=(decode_fn, prefill_fn), name="compile-warmup",
+                             daemon=True).start()
+        else:
+            self.decode, self.prefill = self._compile(decode_fn, prefill_fn)
+            self.ready.set()
+
+    def _compile(self, decode_fn: DecodeFn, prefill_fn: PrefillFn) -> tuple[DecodeFn, PrefillFn | None]:
+        """The decode graph and the prefill graph (None when compile.prefill is off). torch.compile is lazy:
+        each compiles on its first call."""
+        # Bucketed batch sizes and the growing context length would each cost a recompile under static
+        # shapes; dynamic shapes serve them with one graph (plus size-1 specialisations). Backends that
+        # cannot be traced symbolically get one static graph per (bucket, width).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # The KV pool never changes shape. Left symbolic, "duck sizing" gave a batch of 2 (or 16) the symbol
+        # of the KV head count (or page size), which the cache write then pinned: the "dynamic" graph only
+        # served that one batch size and the next size compiled for minutes in the middle of a run.
+        for cache in (*self.backend.k_cache, *self.backend.v_cache):
+            torch._dynamo.mark_static(cache)
+        torch.fx.experimental._config.use_duck_shape = False  # equal sizes of different inputs stay apart
+        # Left unspecialised, every RMSNorm's eps (a float attribute) became a graph input that each call
+        # wrapped in a tensor: 61 `torch.as_tensor` calls per SmolLM2 step, ~0.5 ms of a 27 ms batch-1 step.
+        # The graphs take no float that changes between calls.
+        torch._dynamo.config.specialize_float = True
+        options = compile_options(self.cfg, self.device)
+        decode = torch.compile(decode_fn, **options, dynamic=True if self.backend.supports_dynamic_shapes else False)
+        if not self.cfg.prefill:
+            return decode, None
+        # CUDA graphs would record one graph per token count; there the prefill graph only fuses kernels.
+        return decode, torch.compile(prefill_fn, **({} if self.device.type == "cuda" else options), dynamic=True)
+
+    def warm_up(self, decode_fn: DecodeFn, prefill_fn: PrefillFn) -> None:
+        """Build the decode graphs (the smallest bucket, and the dynamic one for the others) and the prefill
+        graph (at a full chunk) on rows that touch only the scratch page, then let steps use them. Runs on
+        its own thread while steps run eagerly, so a server answers within seconds instead of after minutes
+        of compilation (even setting up torch.compile, which imports inductor, is left to this thread: 2 s
+        of start-up)."""
+        start = time.perf_counter()
+        # Tracing and lowering hold the GIL for long stretches, while an eager step releases it at every
+        # torch op and then waits out the switch interval to get it back: at the default 5 ms a 0.7 s
+        # first answer took 12 s. A short interval bounds that wait for as long as compilation runs.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
+        try:
+            decode, prefill = self._compile(decode_fn, prefill_fn)
+            with torch.inference_mode():
+                buckets = self.cfg.batch_buckets
+                for b in sorted({buckets[0], min(buckets[-1], 8)}):
+                    batch = self._scratch_batch(b, 1)
+                    decode(batch.positions, batch.positions, DecodeStep(self.backend.prepare_decode(batch)))
+                if prefill is not None:
+                    batch = self._scratch_batch(1, self.prefill_tokens)
+                    with opaque_attention_step(self.backend, self.backend.prepare(batch)):
+                        prefill(batch.positions, batch.positions, batch.positions[-2:])
+        except Exception:
+            log.exception("compiling the step graphs failed; steps stay eager")
+            return
+        finally:
+            sys.setswitchinterval(switch_interval)
+        self.decode, self.prefill = decode, prefill
+        self.ready.set()
+        log.info("step graphs compiled in %.0f s; steps now run compiled", time.perf_counter() - start)
+
+    def _scratch_batch(self, rows: int, tokens: int) -> PagedBatch:
+        """`rows` rows of `tokens` new tokens each that read and write only the scratch page."""
+        dev, page_size = self.device, self.backend.page_size
+        positions = torch.arange(tokens, device=dev).repeat(rows)
+        width = self.backend.padded_pages(-(-tokens // page_size))
+        length = self.backend.padded_query_len(tokens)
+        pad_index = None
+        if length > 1:
+            pad_index = torch.arange(rows, device=dev).repeat_interleave(tokens) * length + positions
+        return PagedBatch(positions=positions, slot_mapping=SCRATCH_PAGE * page_size + positions % page_size,
+                          page_table=torch.full((rows, width), SCRATCH_PAGE, dtype=torch.long, device=dev),
+                          seq_lens=torch.full((rows,), tokens, dtype=torch.long, device=dev),
+                          max_query_len=length, pad_index=pad_index)
+
+
+def compile_options(cfg: CompileConfig, device: torch.device) -> dict[str, Any]:
+    """torch.compile's `mode` or `options` for the configured mode on this device."""
+    if cfg.mode != "auto":
+        return {"mode": cfg.mode}
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}
+    options = dict(cfg.cpu)
+    # Inductor reads `freezing` before it applies per-call options, so it only works set globally.
+    torch._inductor.config.freezing = bool(options.pop("freezing", False))
+    return {"options": options}
