@@ -3,6 +3,7 @@
 This process does HTTP, tokenization, chat templates and detokenization; the engine (scheduler +
 model) runs in its own process (engine/engine_process.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,9 +30,24 @@ from engine.engine_process import EngineClient, StepBatch
 from engine.frontend import Completion, OutputProcessor, TrackedRequest
 from engine.metrics import Metrics
 from engine.models.source import resolve_model, served_model_name
-from engine.openai_protocol import (SSE_DONE, APIError, ResponseHeader, chat_messages, choice_logprobs,
-                                    completion_prompts, delta_choice, error_body, final_choice, object_name,
-                                    role_choice, sampling_params, sse, stream_options, total_usage, usage_dict)
+from engine.openai_protocol import (
+    SSE_DONE,
+    APIError,
+    ResponseHeader,
+    chat_messages,
+    choice_logprobs,
+    completion_prompts,
+    delta_choice,
+    error_body,
+    final_choice,
+    object_name,
+    role_choice,
+    sampling_params,
+    sse,
+    stream_options,
+    total_usage,
+    usage_dict,
+)
 from engine.outputs import StepOutput, TokenLogprob
 from engine.sampling_params import InvalidParameter, SamplingParams, check_request
 from engine.tokenizer import encode_chat, load_tokenizer
@@ -122,22 +138,34 @@ class Server:
 
     # -- responses -----------------------------------------------------------------------------------
 
-    def logprobs(self, request: TrackedRequest, chat: bool, token_ids: list[int],
-                 logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    def logprobs(
+        self, request: TrackedRequest, chat: bool, token_ids: list[int], logprobs: list[TokenLogprob]
+    ) -> dict[str, Any] | None:
         if not request.params.logprobs or not token_ids:
             return None
         return choice_logprobs(self.tokenizer, chat, token_ids, logprobs)
 
     def response(self, requests: list[TrackedRequest], header: ResponseHeader, chat: bool) -> dict[str, Any]:
         n = requests[0].params.n
-        choices = [final_choice(ri * n + c.index, chat, c.text.text, self.logprobs(r, chat, c.token_ids, c.logprobs),
-                                c.finish_reason)
-                   for ri, r in enumerate(requests) for c in r.choices]
+        choices = [
+            final_choice(
+                ri * n + c.index, chat, c.text.text, self.logprobs(r, chat, c.token_ids, c.logprobs), c.finish_reason
+            )
+            for ri, r in enumerate(requests)
+            for c in r.choices
+        ]
         usage = total_usage([r.output().usage for r in requests])
         return header.wrap(object_name(chat, chunk=False), choices, usage=usage_dict(usage))
 
-    async def stream(self, requests: list[TrackedRequest], events: asyncio.Queue, header: ResponseHeader,
-                     chat: bool, include_usage: bool, submitted_at: float) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        requests: list[TrackedRequest],
+        events: asyncio.Queue,
+        header: ResponseHeader,
+        chat: bool,
+        include_usage: bool,
+        submitted_at: float,
+    ) -> AsyncIterator[str]:
         """The SSE body: a role chunk per chat choice, text deltas, an optional usage chunk, [DONE]."""
         n = requests[0].params.n
         index = {c.seq_id: ri * n + c.index for ri, r in enumerate(requests) for c in r.choices}
@@ -181,8 +209,12 @@ async def _parse(request: Request, model_name: str) -> dict[str, Any]:
         raise APIError(400, "request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{model_name}'",
+            param="model",
+            code="model_not_found",
+        )
     if not isinstance(body.get("stream", False), bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
     return body
@@ -226,9 +258,20 @@ async def completions(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     server = _server(request)
-    return JSONResponse({"object": "list", "data": [
-        {"id": server.model_name, "object": "model", "created": int(time.time()), "owned_by": "engine",
-         "max_model_len": server.client.info.max_model_len}]})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "engine",
+                    "max_model_len": server.client.info.max_model_len,
+                }
+            ],
+        }
+    )
 
 
 async def health(request: Request) -> Response:
@@ -248,8 +291,9 @@ async def api_error(request: Request, exc: APIError) -> Response:
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(f"{exc.detail}: {request.method} {request.url.path}", kind),
-                        status_code=exc.status_code)
+    return JSONResponse(
+        error_body(f"{exc.detail}: {request.method} {request.url.path}", kind), status_code=exc.status_code
+    )
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -273,9 +317,12 @@ def create_app(server: Server) -> Starlette:
         yield
 
     api_key = server.cfg.server.api_key
-    app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error},
-                    middleware=[Middleware(RequireAPIKey, key=api_key)] if api_key else [])
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error},
+        middleware=[Middleware(RequireAPIKey, key=api_key)] if api_key else [],
+    )
     app.state.server = server
     return app
 
@@ -287,10 +334,15 @@ class RequireAPIKey:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and \
-                dict(scope["headers"]).get(b"authorization") != self.expected:
-            response = JSONResponse(error_body("invalid or missing API key", "invalid_request_error",
-                                               code="invalid_api_key"), status_code=401)
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1/")
+            and dict(scope["headers"]).get(b"authorization") != self.expected
+        ):
+            response = JSONResponse(
+                error_body("invalid or missing API key", "invalid_request_error", code="invalid_api_key"),
+                status_code=401,
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -338,9 +390,17 @@ def serve(cfg: EngineConfig) -> None:
     server = Server(cfg, tokenizer, client)
     app = create_app(server)
     mode = cfg.compile.mode if cfg.compile.enabled else "eager"
-    log.info("ready: model=%s (%s) dtype=%s kv_pages=%d x %d tokens compile=%s url=http://%s:%d/v1",
-             server.model_name, source.path, cfg.dtype, info.stats["kv_pages_total"], cfg.kv_cache.page_size,
-             mode, host, port)
+    log.info(
+        "ready: model=%s (%s) dtype=%s kv_pages=%d x %d tokens compile=%s url=http://%s:%d/v1",
+        server.model_name,
+        source.path,
+        cfg.dtype,
+        info.stats["kv_pages_total"],
+        cfg.kv_cache.page_size,
+        mode,
+        host,
+        port,
+    )
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
     finally:

@@ -120,8 +120,12 @@ class KVCacheConfig:
         mb = self.memory_mb
         _require(isinstance(mb, (int, float)) and mb > 0, "kv_cache.memory_mb", mb, "must be a positive number")
         n = self.num_pages
-        _require(n is None or (_is_int(n) and n >= 2), "kv_cache.num_pages", n,
-                 "must be null or at least 2 (page 0 is scratch)")
+        _require(
+            n is None or (_is_int(n) and n >= 2),
+            "kv_cache.num_pages",
+            n,
+            "must be null or at least 2 (page 0 is scratch)",
+        )
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,12 @@ class CompileConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_buckets", tuple(sorted(self.batch_buckets)))
         _require(self.warmup in ("lazy", "background"), "compile.warmup", self.warmup, "expected lazy or background")
-        _require(bool(self.batch_buckets) and all(_is_int(b) and b >= 1 for b in self.batch_buckets),
-                 "compile.batch_buckets", list(self.batch_buckets), "must be a non-empty list of integers >= 1")
+        _require(
+            bool(self.batch_buckets) and all(_is_int(b) and b >= 1 for b in self.batch_buckets),
+            "compile.batch_buckets",
+            list(self.batch_buckets),
+            "must be a non-empty list of integers >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -152,13 +160,22 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(_is_int(self.tp) and self.tp >= 1, "parallel.tp", self.tp, "must be >= 1")
-        _require(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend,
-                 "expected auto, gloo or nccl")
+        _require(
+            self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend, "expected auto, gloo or nccl"
+        )
         _require(_is_int(self.nnodes) and self.nnodes >= 1, "parallel.nnodes", self.nnodes, "must be >= 1")
-        _require(self.tp % self.nnodes == 0, "parallel.nnodes", self.nnodes,
-                 f"parallel.tp={self.tp} must divide evenly over the nodes")
-        _require(_is_int(self.node_rank) and 0 <= self.node_rank < self.nnodes, "parallel.node_rank",
-                 self.node_rank, f"must be in [0, {self.nnodes})")
+        _require(
+            self.tp % self.nnodes == 0,
+            "parallel.nnodes",
+            self.nnodes,
+            f"parallel.tp={self.tp} must divide evenly over the nodes",
+        )
+        _require(
+            _is_int(self.node_rank) and 0 <= self.node_rank < self.nnodes,
+            "parallel.node_rank",
+            self.node_rank,
+            f"must be in [0, {self.nnodes})",
+        )
         _require(self.timeout_s > 0, "parallel.timeout_s", self.timeout_s, "must be positive")
 
     def ranks_of_node(self, node_rank: int) -> range:
@@ -207,8 +224,9 @@ class EngineConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype,
-                 f"expected auto or one of {list(DTYPES)}")
+        _require(
+            self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"expected auto or one of {list(DTYPES)}"
+        )
         _require(self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device, "expected cpu or cuda")
         _require(_is_int(self.seed), "seed", self.seed, "must be an integer")
 
@@ -225,8 +243,12 @@ class EngineConfig:
         raw = OmegaConf.to_container(cfg, resolve=True)
         scheduler = dict(raw["scheduler"])
         policy = scheduler.pop("policy")
-        _require(isinstance(policy, dict) and "_target_" in policy, "scheduler.policy", policy,
-                 "must be a node with a _target_ (see configs/scheduler/)")
+        _require(
+            isinstance(policy, dict) and "_target_" in policy,
+            "scheduler.policy",
+            policy,
+            "must be a node with a _target_ (see configs/scheduler/)",
+        )
         model = {k: v for k, v in raw["model"].items() if k in {f.name for f in dataclasses.fields(ModelSettings)}}
         return cls(
             model=ModelSettings(**model),

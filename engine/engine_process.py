@@ -4,6 +4,7 @@ Only small typed messages cross the boundary: token ids in, `StepOutput`s and st
 (tokenizer, chat template, detokenizer, stop strings) stays in the HTTP process, so neither blocks the
 other (Mini-SGLang's split).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,9 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.models.source import resolve_model
@@ -98,8 +100,15 @@ def _handshake(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue, parent: int
     if isinstance(first, Shutdown):
         return False
     engine.eos_token_ids.update(first.token_ids)
-    outbox.put(EngineReady(os.getpid(), engine.max_model_len, engine.model_config.vocab_size, engine.stats(),
-                           [w.pid for w in engine.workers]))
+    outbox.put(
+        EngineReady(
+            os.getpid(),
+            engine.max_model_len,
+            engine.model_config.vocab_size,
+            engine.stats(),
+            [w.pid for w in engine.workers],
+        )
+    )
     return True
 
 
@@ -154,8 +163,7 @@ class EngineClient:
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
         # Not a daemon: it starts tensor-parallel ranks of its own. It exits when orphaned (see engine_main).
-        self.process = ctx.Process(target=engine_main, name="engine", daemon=False,
-                                   args=(cfg, self.inbox, self.outbox))
+        self.process = ctx.Process(target=engine_main, name="engine", daemon=False, args=(cfg, self.inbox, self.outbox))
         self.info: EngineReady | None = None
         self.stats: dict[str, int] = {}
         self.dead_reason: str | None = None
@@ -176,10 +184,12 @@ class EngineClient:
             except queue.Empty:
                 waited += 1.0
                 if not self.process.is_alive():
-                    raise RuntimeError(f"engine process exited with code {self.process.exitcode} while loading")
+                    raise RuntimeError(
+                        f"engine process exited with code {self.process.exitcode} while loading"
+                    ) from None
                 if waited >= timeout:
                     self.process.kill()
-                    raise RuntimeError(f"engine did not become ready within {timeout:.0f} s")
+                    raise RuntimeError(f"engine did not become ready within {timeout:.0f} s") from None
         if isinstance(msg, EngineFailed):
             self.process.join(timeout=10)
             raise RuntimeError(msg.message)
@@ -197,8 +207,9 @@ class EngineClient:
         if self.alive:
             self.inbox.put(AbortSequence(seq_id))
 
-    def relay(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[StepBatch], None],
-              on_death: Callable[[str], None]) -> threading.Thread:
+    def relay(
+        self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[StepBatch], None], on_death: Callable[[str], None]
+    ) -> threading.Thread:
         """Read the engine's outputs on a thread; call back on the loop. Notices the process dying."""
 
         def run() -> None:

@@ -1,11 +1,13 @@
 """Frontend bookkeeping shared by the in-process `LLM` and the HTTP server: one tracked request per
 user request, one engine sequence per choice (n), text via `TextState`, stop strings turned into aborts."""
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from engine.outputs import CompletionOutput, RequestOutput, StepOutput, TokenLogprob, Usage
 from engine.sampling_params import SamplingParams
@@ -48,35 +50,56 @@ class TrackedRequest:
 
     def engine_requests(self) -> list[tuple[str, SamplingParams]]:
         """(sequence id, params) per choice; seeded choices get consecutive seeds so they differ."""
-        return [(c.seq_id, self.params if self.params.seed is None
-                 else dataclasses.replace(self.params, seed=self.params.seed + c.index)) for c in self.choices]
+        return [
+            (
+                c.seq_id,
+                self.params
+                if self.params.seed is None
+                else dataclasses.replace(self.params, seed=self.params.seed + c.index),
+            )
+            for c in self.choices
+        ]
 
     def output(self) -> RequestOutput:
         return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[CompletionOutput(c.index, c.text.text, c.token_ids, c.finish_reason,
-                                      c.logprobs if self.params.logprobs else None) for c in self.choices],
-            usage=Usage(len(self.prompt_token_ids), sum(len(c.token_ids) for c in self.choices),
-                        self.num_cached_tokens),
-            prompt_logprobs=self.prompt_logprobs)
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    c.index, c.text.text, c.token_ids, c.finish_reason, c.logprobs if self.params.logprobs else None
+                )
+                for c in self.choices
+            ],
+            usage=Usage(
+                len(self.prompt_token_ids), sum(len(c.token_ids) for c in self.choices), self.num_cached_tokens
+            ),
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, abort_sequence: Callable[[str], None],
-                 prefix: str = "req") -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, abort_sequence: Callable[[str], None], prefix: str = "req"
+    ) -> None:
         self.tokenizer = tokenizer
         self.abort_sequence = abort_sequence  # tells the engine to stop one sequence
         self.live: dict[str, tuple[TrackedRequest, Completion]] = {}  # sequence id -> owner
         self._ids = itertools.count()
         self._prefix = prefix
 
-    def track(self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-              sink: Sink | None = None) -> TrackedRequest:
+    def track(
+        self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, sink: Sink | None = None
+    ) -> TrackedRequest:
         rid = f"{self._prefix}-{next(self._ids)}"
-        choices = [Completion(i, f"{rid}/{i}", TextState(self.tokenizer, params.stop,
-                                                          params.include_stop_str_in_output,
-                                                          params.skip_special_tokens))
-                   for i in range(params.n)]
+        choices = [
+            Completion(
+                i,
+                f"{rid}/{i}",
+                TextState(self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens),
+            )
+            for i in range(params.n)
+        ]
         req = TrackedRequest(rid, prompt, prompt_token_ids, params, choices, sink)
         for c in choices:
             self.live[c.seq_id] = (req, c)

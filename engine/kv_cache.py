@@ -2,6 +2,7 @@
 
 Page 0 is never handed out: padded batch rows (bucketed decode) write their garbage K/V there.
 """
+
 from __future__ import annotations
 
 import torch
@@ -9,15 +10,24 @@ import torch
 SCRATCH_PAGE = 0
 
 
-def pages_for_budget(num_layers: int, kv_heads: int, head_dim: int, page_size: int, memory_mb: float,
-                     dtype: torch.dtype) -> int:
+def pages_for_budget(
+    num_layers: int, kv_heads: int, head_dim: int, page_size: int, memory_mb: float, dtype: torch.dtype
+) -> int:
     bytes_per_page = 2 * num_layers * page_size * kv_heads * head_dim * dtype.itemsize
     return int(memory_mb * 2**20 // bytes_per_page)
 
 
 class KVPool:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         if num_pages < 2:
             raise ValueError(f"invalid kv_cache.num_pages={num_pages}: need at least 2 (page 0 is scratch)")
         shape = (num_pages, page_size, kv_heads, head_dim)

@@ -1,4 +1,5 @@
 """Page bookkeeping per sequence: prefix reuse, allocation with eviction, hand-over to the prefix cache."""
+
 from __future__ import annotations
 
 from engine.kv_cache import PageAllocator
@@ -29,7 +30,7 @@ class KVManager:
 
     def _reusable_prefix(self, seq: Sequence) -> list[int]:
         # The last token is always recomputed: its logits are needed to sample the next one.
-        return seq.token_ids[:seq.num_tokens - 1]
+        return seq.token_ids[: seq.num_tokens - 1]
 
     def prefix_match_length(self, seq: Sequence) -> int:
         return 0 if seq.wants_prompt_logprobs else self.cache.match_length(self._reusable_prefix(seq))
@@ -67,16 +68,16 @@ class KVManager:
         full = seq.num_computed_tokens // self.page_size
         if full <= seq.num_tree_pages:
             return
-        node, tree_pages = self.cache.insert(seq.token_ids[:full * self.page_size], seq.pages[:full])
+        node, tree_pages = self.cache.insert(seq.token_ids[: full * self.page_size], seq.pages[:full])
         self.cache.lock(node)
         self.cache.unlock(seq.cache_node)
         seq.cache_node = node
-        seq.pages[:len(tree_pages)] = tree_pages
+        seq.pages[: len(tree_pages)] = tree_pages
         seq.num_tree_pages = len(tree_pages)
 
     def release(self, seq: Sequence) -> None:
         """The sequence stops holding KV (finished, aborted or preempted): cache what is reusable, free the rest."""
         self.cache_computed(seq)
         self.cache.unlock(seq.cache_node)
-        self.allocator.free(seq.pages[seq.num_tree_pages:])
+        self.allocator.free(seq.pages[seq.num_tree_pages :])
         seq.pages, seq.cache_node, seq.num_tree_pages, seq.num_computed_tokens = [], None, 0, 0

@@ -1,19 +1,21 @@
 """The offline / in-process Python API: `LLM.generate`, `generate_outputs`, `chat` and async `stream`."""
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig, compose_config
+from engine.frontend import OutputProcessor, Sink, TrackedRequest
 from engine.llm_engine import LLMEngine
 from engine.models.source import resolve_model
-from engine.frontend import OutputProcessor, Sink, TrackedRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_chat, load_tokenizer
@@ -29,8 +31,14 @@ class LLM:
     `config=` takes a whole `EngineConfig` instead (what `compose_config` or a Hydra app built).
     """
 
-    def __init__(self, model_path: str | None = None, dtype: torch.dtype | str = "auto", *,
-                 config: EngineConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        dtype: torch.dtype | str = "auto",
+        *,
+        config: EngineConfig | None = None,
+        **overrides: Any,
+    ) -> None:
         self.config = config if config is not None else compose_config(model_path, dtype, **overrides)
         source = resolve_model(self.config.model.path)
         self.tokenizer = load_tokenizer(source)
@@ -44,7 +52,7 @@ class LLM:
         """Stop tensor-parallel ranks and leave the process group (nothing to do with one rank)."""
         self.engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -63,8 +71,9 @@ class LLM:
         return encode_chat(self.tokenizer, messages, chat_template_kwargs)
 
     @staticmethod
-    def _params_for(count: int, sampling_params: SamplingParams | list[SamplingParams] | None,
-                    kwargs: dict[str, Any]) -> list[SamplingParams]:
+    def _params_for(
+        count: int, sampling_params: SamplingParams | list[SamplingParams] | None, kwargs: dict[str, Any]
+    ) -> list[SamplingParams]:
         if sampling_params is None:
             sampling_params = SamplingParams.from_kwargs(**kwargs)
         elif kwargs:
@@ -79,8 +88,9 @@ class LLM:
 
     # -- request life cycle --------------------------------------------------------------------------
 
-    def _submit(self, prompt: str | None, ids: list[int], params: SamplingParams,
-                sink: Sink | None = None) -> TrackedRequest:
+    def _submit(
+        self, prompt: str | None, ids: list[int], params: SamplingParams, sink: Sink | None = None
+    ) -> TrackedRequest:
         with self._lock:
             req = self.frontend.track(prompt, ids, params, sink)
             try:
@@ -104,21 +114,32 @@ class LLM:
 
     # -- offline API ---------------------------------------------------------------------------------
 
-    def generate_outputs(self, prompts: Prompt | Seq[Prompt],
-                         sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-                         use_tqdm: bool | None = None, **sampling_kwargs: Any) -> list[RequestOutput]:
+    def generate_outputs(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | None = None,
+        **sampling_kwargs: Any,
+    ) -> list[RequestOutput]:
         """Like `generate`, with token ids, finish reasons, usage and logprobs per request."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_for(len(prompts), sampling_params, sampling_kwargs)
         encoded = [self.encode(p) for p in prompts]
-        return self._run([(p if isinstance(p, str) else None, ids, sp)
-                          for p, ids, sp in zip(prompts, encoded, params)], use_tqdm)
+        return self._run(
+            [(p if isinstance(p, str) else None, ids, sp) for p, ids, sp in zip(prompts, encoded, params)], use_tqdm
+        )
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-                 use_tqdm: bool | None = None, **sampling_kwargs: Any) -> list[str]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | None = None,
+        **sampling_kwargs: Any,
+    ) -> list[str]:
         """Completion texts, in prompt order; with n > 1 a prompt's n texts are consecutive.
 
         String prompts are raw text (no chat template), token-id lists are used as given.
@@ -126,17 +147,24 @@ class LLM:
         outs = self.generate_outputs(prompts, sampling_params, use_tqdm=use_tqdm, **sampling_kwargs)
         return [c.text for o in outs for c in o.outputs]
 
-    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool | None = None,
-             **sampling_kwargs: Any) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        use_tqdm: bool | None = None,
+        **sampling_kwargs: Any,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = self._params_for(len(conversations), sampling_params, sampling_kwargs)
         encoded = [self.encode_chat(m, chat_template_kwargs) for m in conversations]
         return self._run([(None, ids, sp) for ids, sp in zip(encoded, params)], use_tqdm)
 
-    def _run(self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool | None) -> list[RequestOutput]:
+    def _run(
+        self, items: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool | None
+    ) -> list[RequestOutput]:
         requests: list[TrackedRequest] = []
         try:
             for prompt, ids, sp in items:
@@ -157,8 +185,9 @@ class LLM:
 
     # -- async streaming -----------------------------------------------------------------------------
 
-    async def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                     **sampling_kwargs: Any) -> AsyncIterator[str]:
+    async def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, **sampling_kwargs: Any
+    ) -> AsyncIterator[str]:
         """Yield the completion's text as it is generated (n must be 1). Many may run concurrently;
         they share one engine loop. Breaking out of the iteration aborts the request."""
         (params,) = self._params_for(1, sampling_params, sampling_kwargs)

@@ -3,6 +3,7 @@
 It speaks token ids only. Text (tokenizer, detokenizer, stop strings) belongs to the frontend, which
 may live in another process; that is why `step` returns small `StepOutput` records.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
         # The longest sequence must fit the pool on its own, so a lone request can always finish.
-        self.max_model_len = min(cfg.model.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings, self.allocator.capacity * page_size)
+        self.max_model_len = min(
+            cfg.model.max_model_len or mc.max_position_embeddings,
+            mc.max_position_embeddings,
+            self.allocator.capacity * page_size,
+        )
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
 
@@ -66,8 +70,9 @@ class LLMEngine:
         mc, cfg = self.model_config, self.cfg
         context = cfg.model.max_model_len or mc.max_position_embeddings
         most = -(-cfg.scheduler.max_running_requests * context // cfg.kv_cache.page_size) + 1
-        budget = pages_for_budget(mc.num_layers, kv_heads, mc.head_dim, cfg.kv_cache.page_size,
-                                  cfg.kv_cache.memory_mb, self.dtype)
+        budget = pages_for_budget(
+            mc.num_layers, kv_heads, mc.head_dim, cfg.kv_cache.page_size, cfg.kv_cache.memory_mb, self.dtype
+        )
         return min(budget, most)
 
     def _start_tp(self, num_pages: int) -> list:
@@ -79,8 +84,13 @@ class LLMEngine:
                 p = dataclasses.replace(p, master_port=sock.getsockname()[1])
             self.cfg = self.cfg.replace(parallel=p)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.tp.size))
-        log.info("tensor parallel: %d ranks, rendezvous %s:%s, kv_cache.num_pages=%d", self.tp.size,
-                 p.master_addr, p.master_port, num_pages)
+        log.info(
+            "tensor parallel: %d ranks, rendezvous %s:%s, kv_cache.num_pages=%d",
+            self.tp.size,
+            p.master_addr,
+            p.master_port,
+            num_pages,
+        )
         workers = start_local_ranks(self.cfg, p.ranks_of_node(0)[1:], num_pages)
         init_distributed(0, self.tp.size, p.master_addr, p.master_port, p.backend, p.timeout_s)
         return workers
@@ -159,10 +169,15 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             del self.seqs[seq.seq_id]
         return StepOutput(
-            seq_id=seq.seq_id, new_token_ids=[token], new_logprobs=[logprob] if logprob else [],
-            finished=reason is not None, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+            seq_id=seq.seq_id,
+            new_token_ids=[token],
+            new_logprobs=[logprob] if logprob else [],
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_prompt_tokens,
-            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None)
+            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
+        )
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

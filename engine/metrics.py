@@ -18,15 +18,16 @@ class Metrics:
         self.kv_used = Gauge("engine_kv_pages_used", "KV pages held by running sequences", registry=r)
         self.kv_free = Gauge("engine_kv_pages_free", "KV pages free or evictable from the prefix cache", registry=r)
         self.kv_cached = Gauge("engine_kv_pages_cached", "KV pages held by the prefix cache", registry=r)
-        self.decode_compiled = Gauge("engine_decode_compiled", "1 once decode steps run the compiled graphs",
-                                     registry=r)
+        self.decode_compiled = Gauge(
+            "engine_decode_compiled", "1 once decode steps run the compiled graphs", registry=r
+        )
         self.requests = Counter("engine_requests", "Requests received", registry=r)
         self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated = Counter("engine_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("engine_time_to_first_token_seconds", "Time to first token", buckets=_BUCKETS,
-                              registry=r)
-        self.itl = Histogram("engine_inter_token_latency_seconds", "Time between tokens of a sequence",
-                             buckets=_BUCKETS, registry=r)
+        self.ttft = Histogram("engine_time_to_first_token_seconds", "Time to first token", buckets=_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "engine_inter_token_latency_seconds", "Time between tokens of a sequence", buckets=_BUCKETS, registry=r
+        )
         self.e2e = Histogram("engine_e2e_request_latency_seconds", "Request latency", buckets=_BUCKETS, registry=r)
         self._last_token_at: dict[str, float] = {}  # seq_id -> when its latest token arrived
 

@@ -10,6 +10,7 @@ How and when the graphs compile is engine/step_graphs.py's business; this module
 Under tensor parallelism rank 0 turns the batch into a `StepPlan` (plain tensors), broadcasts it, and
 every rank executes the same plan on its shard of the model.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -41,22 +42,29 @@ class StepPlan:
     input_ids: torch.Tensor
     batch: PagedBatch
     logit_rows: torch.Tensor | None  # hidden rows whose logits are wanted; None: every row (decode)
-    compiled: bool                   # through the decode or the prefill graph
+    compiled: bool  # through the decode or the prefill graph
 
 
 @dataclass
 class _PromptLogprobJob:
-    row: int               # index in the scheduled batch
-    first: int             # logits of positions [first, last) predict prompt tokens first+1 .. last
+    row: int  # index in the scheduled batch
+    first: int  # logits of positions [first, last) predict prompt tokens first+1 .. last
     last: int
-    offset: int            # where its logits start in the step's logits
+    offset: int  # where its logits start in the step's logits
 
 
 class ModelRunner:
     """plan (rank 0: a scheduled batch -> a `StepPlan`) -> execute (every rank: the plan -> logits)."""
 
-    def __init__(self, model: CausalLM, backend: PagedAttentionBase, page_size: int, device: torch.device,
-                 compile_cfg: CompileConfig, prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: PagedAttentionBase,
+        page_size: int,
+        device: torch.device,
+        compile_cfg: CompileConfig,
+        prefill_tokens: int,
+    ) -> None:
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -66,8 +74,15 @@ class ModelRunner:
         # (static shapes, CUDA graphs); a dynamic-shape CPU graph serves any size, so padding only costs.
         self.pad_to_buckets = device.type == "cuda" or not backend.supports_dynamic_shapes
         self.tp = model.tp
-        self.graphs = StepGraphs(self._logits_at_every_token, self._logits_at_rows, backend, compile_cfg, device,
-                                 self.tp.size, prefill_tokens)
+        self.graphs = StepGraphs(
+            self._logits_at_every_token,
+            self._logits_at_rows,
+            backend,
+            compile_cfg,
+            device,
+            self.tp.size,
+            prefill_tokens,
+        )
 
     @property
     def compiled_ready(self) -> threading.Event:
@@ -76,8 +91,9 @@ class ModelRunner:
     def _logits_at_every_token(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
-    def _logits_at_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-                        meta: Any = None) -> torch.Tensor:
+    def _logits_at_rows(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, meta: Any = None
+    ) -> torch.Tensor:
         # Compiled, meta stays None: attention then reads it from `opaque_attention_step` (see
         # PagedAttentionBase.attend), so the graph holds no per-step metadata.
         return self.model.compute_logits(self.model(input_ids, positions, meta)[rows])
@@ -92,7 +108,7 @@ class ModelRunner:
         max_q = self.backend.padded_query_len(max(batch.num_new_tokens))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             pad_index.extend(range(row * max_q, row * max_q + n))
         seq_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
@@ -107,13 +123,21 @@ class ModelRunner:
         dev = self.device
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         table_t = torch.tensor(table, dtype=torch.long, device=dev)
-        rows = torch.tensor([r for r, n in enumerate(batch.num_new_tokens) for _ in range(n)] + list(
-            range(len(batch.seqs), len(batch.seqs) + pad_rows)), dtype=torch.long, device=dev)
+        rows = torch.tensor(
+            [r for r, n in enumerate(batch.num_new_tokens) for _ in range(n)]
+            + list(range(len(batch.seqs), len(batch.seqs) + pad_rows)),
+            dtype=torch.long,
+            device=dev,
+        )
         slots = table_t[rows, pos_t // ps] * ps + pos_t % ps
         paged = PagedBatch(
-            positions=pos_t, slot_mapping=slots, page_table=table_t,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev), max_query_len=max_q,
-            pad_index=None if max_q == 1 else torch.tensor(pad_index, dtype=torch.long, device=dev))
+            positions=pos_t,
+            slot_mapping=slots,
+            page_table=table_t,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            max_query_len=max_q,
+            pad_index=None if max_q == 1 else torch.tensor(pad_index, dtype=torch.long, device=dev),
+        )
         return torch.tensor(ids, dtype=torch.long, device=dev), paged
 
     def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[_PromptLogprobJob]]:
@@ -147,8 +171,11 @@ class ModelRunner:
         compiled = self.graphs.prefill is not None and len(ids) > 1
         while compiled and len(rows) < 2:  # extra logit rows are dropped with the others past the sampled ones
             rows.append(rows[-1] if rows else 0)
-        return StepPlan(ids, paged, torch.tensor(rows, dtype=torch.long, device=self.device), compiled), \
-            sampling_rows, jobs
+        return (
+            StepPlan(ids, paged, torch.tensor(rows, dtype=torch.long, device=self.device), compiled),
+            sampling_rows,
+            jobs,
+        )
 
     # -- execution (every rank) ----------------------------------------------------------------------
 
@@ -172,15 +199,15 @@ class ModelRunner:
             dist.broadcast_object_list([plan], src=0)
         logits = self.execute(plan)
         if plan.logit_rows is None:
-            return logits[:len(batch.seqs)], sampling_rows, {}
+            return logits[: len(batch.seqs)], sampling_rows, {}
         prompt_logprobs = {}
         for job in jobs:
             n = job.last - job.first
             seq = batch.seqs[job.row]
-            targets = torch.tensor(seq.prompt_token_ids[job.first + 1:job.last + 1], device=logits.device)
-            lp = logits[job.offset:job.offset + n].log_softmax(dim=-1)
+            targets = torch.tensor(seq.prompt_token_ids[job.first + 1 : job.last + 1], device=logits.device)
+            lp = logits[job.offset : job.offset + n].log_softmax(dim=-1)
             prompt_logprobs[job.row] = top_logprobs(lp, targets, seq.params.prompt_logprobs)
-        return logits[:len(sampling_rows)], sampling_rows, prompt_logprobs
+        return logits[: len(sampling_rows)], sampling_rows, prompt_logprobs
 
     def serve_rank(self) -> None:
         """Loop of a rank > 0: execute whatever rank 0 broadcasts until it sends None."""
@@ -196,8 +223,9 @@ def kv_heads_per_rank(mc: ModelConfig, tp: TPGroup) -> int:
     return shard_heads(mc.num_heads, mc.num_kv_heads, tp.size, tp.rank).kv_heads
 
 
-def build_runner(cfg: EngineConfig, source: ModelSource, mc: ModelConfig, num_pages: int,
-                 tp: TPGroup) -> tuple[ModelRunner, KVPool]:
+def build_runner(
+    cfg: EngineConfig, source: ModelSource, mc: ModelConfig, num_pages: int, tp: TPGroup
+) -> tuple[ModelRunner, KVPool]:
     """This rank's KV pool, attention backend, model shard and runner (identical code on every rank)."""
     page_size, dtype, device = cfg.kv_cache.page_size, cfg.torch_dtype, torch.device(cfg.device)
     pool = KVPool(mc.num_layers, kv_heads_per_rank(mc, tp), mc.head_dim, num_pages, page_size, dtype, device)

@@ -2,6 +2,7 @@
 
 Pure functions of request bodies and finished or streamed choices: the HTTP handlers in server.py
 decide when to send what, this module decides what it looks like on the wire."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ if TYPE_CHECKING:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -43,12 +50,19 @@ def _expect(body: dict[str, Any], name: str, types: tuple[type, ...], what: str)
 # Request fields copied into SamplingParams when present, with the JSON types they may have.
 _NUMBER = (int, float)
 _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "temperature": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"), "top_k": ((int,), "an integer"),
-    "min_p": (_NUMBER, "a number"), "n": ((int,), "an integer"),
-    "presence_penalty": (_NUMBER, "a number"), "frequency_penalty": (_NUMBER, "a number"),
-    "repetition_penalty": (_NUMBER, "a number"), "ignore_eos": ((bool,), "a boolean"),
-    "seed": ((int,), "an integer"), "stop_token_ids": ((list,), "a list of token ids"),
-    "skip_special_tokens": ((bool,), "a boolean"), "include_stop_str_in_output": ((bool,), "a boolean"),
+    "temperature": (_NUMBER, "a number"),
+    "top_p": (_NUMBER, "a number"),
+    "top_k": ((int,), "an integer"),
+    "min_p": (_NUMBER, "a number"),
+    "n": ((int,), "an integer"),
+    "presence_penalty": (_NUMBER, "a number"),
+    "frequency_penalty": (_NUMBER, "a number"),
+    "repetition_penalty": (_NUMBER, "a number"),
+    "ignore_eos": ((bool,), "a boolean"),
+    "seed": ((int,), "an integer"),
+    "stop_token_ids": ((list,), "a list of token ids"),
+    "skip_special_tokens": ((bool,), "a boolean"),
+    "include_stop_str_in_output": ((bool,), "a boolean"),
     "priority": ((int,), "an integer"),
 }
 
@@ -144,12 +158,11 @@ class ResponseHeader:
     model: str
 
     @classmethod
-    def new(cls, prefix: str, model: str) -> "ResponseHeader":
+    def new(cls, prefix: str, model: str) -> ResponseHeader:
         return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model)
 
     def wrap(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
 
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -171,57 +184,75 @@ def role_choice(index: int) -> dict[str, Any]:
     return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
 
-def delta_choice(index: int, chat: bool, text: str, logprobs: dict[str, Any] | None,
-                 finish_reason: str | None) -> dict[str, Any]:
+def delta_choice(
+    index: int, chat: bool, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None
+) -> dict[str, Any]:
     """A streamed piece of a choice."""
     body = {"delta": {"content": text} if text else {}} if chat else {"text": text}
     return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def final_choice(index: int, chat: bool, text: str, logprobs: dict[str, Any] | None,
-                 finish_reason: str | None) -> dict[str, Any]:
+def final_choice(
+    index: int, chat: bool, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None
+) -> dict[str, Any]:
     """A whole choice of a non-streamed response."""
     body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
     return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def choice_logprobs(tokenizer: PreTrainedTokenizerBase, chat: bool, token_ids: list[int],
-                    logprobs: list[TokenLogprob]) -> dict[str, Any]:
+def choice_logprobs(
+    tokenizer: PreTrainedTokenizerBase, chat: bool, token_ids: list[int], logprobs: list[TokenLogprob]
+) -> dict[str, Any]:
     return (chat_logprobs if chat else completion_logprobs)(tokenizer, token_ids, logprobs)
 
 
 def total_usage(usages: list[Usage]) -> Usage:
-    return Usage(sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages),
-                 sum(u.cached_tokens for u in usages))
+    return Usage(
+        sum(u.prompt_tokens for u in usages),
+        sum(u.completion_tokens for u in usages),
+        sum(u.cached_tokens for u in usages),
+    )
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
 
 
 def _piece(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
     return tokenizer.decode([token])
 
 
-def chat_logprobs(tokenizer: PreTrainedTokenizerBase, token_ids: list[int],
-                  logprobs: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(
+    tokenizer: PreTrainedTokenizerBase, token_ids: list[int], logprobs: list[TokenLogprob]
+) -> dict[str, Any]:
     def entry(t: int, lp: float) -> dict[str, Any]:
         s = _piece(tokenizer, t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode())}
 
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
-                        for t, (lp, top) in zip(token_ids, logprobs)]}
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+            for t, (lp, top) in zip(token_ids, logprobs)
+        ]
+    }
 
 
-def completion_logprobs(tokenizer: PreTrainedTokenizerBase, token_ids: list[int],
-                        logprobs: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase, token_ids: list[int], logprobs: list[TokenLogprob], offset: int = 0
+) -> dict[str, Any]:
     tokens = [_piece(tokenizer, t) for t in token_ids]
     offsets = []
     for s in tokens:
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in logprobs],
-            "top_logprobs": [{_piece(tokenizer, a): alp for a, alp in top} for _, top in logprobs],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _ in logprobs],
+        "top_logprobs": [{_piece(tokenizer, a): alp for a, alp in top} for _, top in logprobs],
+        "text_offset": offsets,
+    }

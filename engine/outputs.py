@@ -1,4 +1,5 @@
 """What the engine hands back: per-step deltas (engine -> frontend) and finished request outputs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ TokenLogprob = tuple[float, list[tuple[int, float]]]
 class StepOutput:
     """New tokens of one sequence after one engine step; small and picklable for the server process split."""
 
-    seq_id: str              # the frontend's per-choice id ("http-3/1"), not the request's
+    seq_id: str  # the frontend's per-choice id ("http-3/1"), not the request's
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False

@@ -4,6 +4,7 @@ Column-parallel layers (QKV, gate/up) split their output rows; row-parallel ones
 split their input columns and all-reduce; the embedding and LM head split the vocabulary. KV heads are
 split when there are at least as many as ranks, otherwise each rank keeps the one its query heads use.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ def shard_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> HeadSh
         return HeadShard(rank * num_heads // tp, num_heads // tp, rank * kv, kv)
     if tp % num_kv_heads == 0:  # fewer KV heads than ranks: replicate each over tp / num_kv_heads ranks
         return HeadShard(rank * num_heads // tp, num_heads // tp, rank // (tp // num_kv_heads), 1)
-    raise ValueError(f"invalid parallel.tp={tp}: the model's {num_kv_heads} KV heads neither divide by it "
-                     f"nor divide it")
+    raise ValueError(
+        f"invalid parallel.tp={tp}: the model's {num_kv_heads} KV heads neither divide by it nor divide it"
+    )
 
 
 def check_divisible(intermediate_size: int, tp: int) -> None:
@@ -60,13 +62,17 @@ def vocab_shard(vocab_size: int, tp: int, rank: int) -> tuple[int, int]:
     return rank * size, size
 
 
-def init_distributed(rank: int, size: int, master_addr: str, master_port: int, backend: str,
-                     timeout_s: float) -> None:
+def init_distributed(rank: int, size: int, master_addr: str, master_port: int, backend: str, timeout_s: float) -> None:
     from datetime import timedelta
 
     os.environ.setdefault("MASTER_ADDR", master_addr)
     os.environ.setdefault("MASTER_PORT", str(master_port))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )

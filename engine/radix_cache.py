@@ -4,6 +4,7 @@
 number of pages. Sequences lock the node their prefix ends at (a reference count on the path to the
 root); unlocked leaves are evicted least-recently-used first when the allocator runs dry.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -16,7 +17,7 @@ from engine.prefix_cache import PrefixCache
 class _Node:
     __slots__ = ("key", "pages", "parent", "children", "lock_ref", "last_access")
 
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: "_Node | None") -> None:
+    def __init__(self, key: tuple[int, ...], pages: list[int], parent: _Node | None) -> None:
         self.key = key
         self.pages = pages
         self.parent = parent
@@ -24,7 +25,7 @@ class _Node:
         self.lock_ref = 0
         self.last_access = 0
 
-    def __lt__(self, other: "_Node") -> bool:  # heap order for eviction
+    def __lt__(self, other: _Node) -> bool:  # heap order for eviction
         return self.last_access < other.last_access
 
 
@@ -39,12 +40,13 @@ class RadixCache(PrefixCache):
     # -- lookup ------------------------------------------------------------------------------------
 
     def _page_key(self, tokens: list[int] | tuple[int, ...], page: int) -> tuple[int, ...]:
-        return tuple(tokens[page * self.page_size:(page + 1) * self.page_size])
+        return tuple(tokens[page * self.page_size : (page + 1) * self.page_size])
 
     def _common_pages(self, node: _Node, tokens: list[int], start_page: int, max_pages: int) -> int:
         n = 0
-        while n < min(len(node.pages), max_pages) and \
-                self._page_key(node.key, n) == self._page_key(tokens, start_page + n):
+        while n < min(len(node.pages), max_pages) and self._page_key(node.key, n) == self._page_key(
+            tokens, start_page + n
+        ):
             n += 1
         return n
 
@@ -71,9 +73,9 @@ class RadixCache(PrefixCache):
         cut = k * self.page_size
         upper = _Node(node.key[:cut], node.pages[:k], node.parent)
         upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
-        node.parent.children[upper.key[:self.page_size]] = upper
+        node.parent.children[upper.key[: self.page_size]] = upper
         node.key, node.pages, node.parent = node.key[cut:], node.pages[k:], upper
-        upper.children[node.key[:self.page_size]] = node
+        upper.children[node.key[: self.page_size]] = node
         return upper
 
     # -- insert --------------------------------------------------------------------------------------
@@ -91,15 +93,15 @@ class RadixCache(PrefixCache):
         while i < len(pages):
             child = node.children.get(self._page_key(tokens, i))
             if child is None:
-                new = _Node(tuple(tokens[i * self.page_size:]), list(pages[i:]), node)
+                new = _Node(tuple(tokens[i * self.page_size :]), list(pages[i:]), node)
                 new.last_access = now
-                node.children[new.key[:self.page_size]] = new
+                node.children[new.key[: self.page_size]] = new
                 self._evictable += len(new.pages)
                 return new, out + new.pages
             k = self._common_pages(child, tokens, i, len(pages) - i)
             if k < len(child.pages):
                 child = self._split(child, k)
-            duplicates = [own for own, tree in zip(pages[i:i + k], child.pages) if own != tree]
+            duplicates = [own for own, tree in zip(pages[i : i + k], child.pages) if own != tree]
             self.allocator.free(duplicates)
             child.last_access = now
             out.extend(child.pages)
@@ -135,7 +137,7 @@ class RadixCache(PrefixCache):
             freed += len(leaf.pages)
             self._evictable -= len(leaf.pages)
             parent = leaf.parent
-            del parent.children[leaf.key[:self.page_size]]
+            del parent.children[leaf.key[: self.page_size]]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
         return freed

@@ -1,4 +1,5 @@
 """Turns the last-position logits of a batch of sequences into next tokens (and their logprobs)."""
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,11 @@ class Sampler:
         if not bool(greedy.all()):
             temperature = _column(seqs, "temperature", torch.float32, device).clamp(min=1e-5).unsqueeze(1)
             filtered = apply_top_k_top_p_min_p(
-                logits / temperature, _column(seqs, "top_k", torch.long, device),
-                _column(seqs, "top_p", torch.float32, device), _column(seqs, "min_p", torch.float32, device))
+                logits / temperature,
+                _column(seqs, "top_k", torch.long, device),
+                _column(seqs, "top_p", torch.float32, device),
+                _column(seqs, "min_p", torch.float32, device),
+            )
             sampled = sample_from_logits(filtered, self._noise(seqs, logits.shape[-1]).to(device))
             tokens = torch.where(greedy, tokens, sampled)
 
@@ -51,7 +55,7 @@ class Sampler:
             k = max(params[i].top_logprobs for i in wanted)
             got = top_logprobs(raw[rows].log_softmax(dim=-1), tokens[rows], k)
             for i, (lp, top) in zip(wanted, got):
-                logprobs[i] = (lp, top[:params[i].top_logprobs])
+                logprobs[i] = (lp, top[: params[i].top_logprobs])
         return tokens.tolist(), logprobs
 
     def _noise(self, seqs: list[Sequence], vocab: int) -> torch.Tensor:
@@ -72,13 +76,18 @@ class Sampler:
             valid = torch.zeros(b, longest, device=device)
             for i, s in enumerate(seqs):
                 ids = s.output_token_ids
-                out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                valid[i, :len(ids)] = 1
+                out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                valid[i, : len(ids)] = 1
             counts.scatter_add_(1, out, valid)
         seen = counts > 0
         for i, s in enumerate(seqs):
             if s.params.repetition_penalty != 1:
                 seen[i, torch.tensor(s.prompt_token_ids, dtype=torch.long, device=device)] = True
-        return apply_penalties(logits, counts, seen, _column(seqs, "presence_penalty", torch.float32, device),
-                               _column(seqs, "frequency_penalty", torch.float32, device),
-                               _column(seqs, "repetition_penalty", torch.float32, device))
+        return apply_penalties(
+            logits,
+            counts,
+            seen,
+            _column(seqs, "presence_penalty", torch.float32, device),
+            _column(seqs, "frequency_penalty", torch.float32, device),
+            _column(seqs, "repetition_penalty", torch.float32, device),
+        )

@@ -1,4 +1,5 @@
 """Per-request sampling parameters, named as in the OpenAI API (and vLLM where OpenAI has no name)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -18,9 +19,9 @@ class InvalidParameter(ValueError):
 class SamplingParams:
     n: int = 1
     max_tokens: int = 16
-    temperature: float = 1.0          # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
-    top_k: int = 0                    # 0 (or -1) disables
+    top_k: int = 0  # 0 (or -1) disables
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -29,12 +30,12 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
-    logprobs: bool = False            # logprob of each sampled token
-    top_logprobs: int = 0             # plus the k most likely alternatives at each step
+    logprobs: bool = False  # logprob of each sampled token
+    top_logprobs: int = 0  # plus the k most likely alternatives at each step
     prompt_logprobs: int | None = None  # logprob of every prompt token (plus k alternatives)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0                 # scheduler=priority admits lower values first (vLLM's convention)
+    priority: int = 0  # scheduler=priority admits lower values first (vLLM's convention)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,7 +80,8 @@ class SamplingParams:
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.prompt_logprobs is not None and not (
-                isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
+        ):
             raise bad("prompt_logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
@@ -93,7 +95,7 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "SamplingParams":
+    def from_kwargs(cls, **kwargs) -> SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -110,5 +112,7 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
         raise InvalidParameter("prompt", f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab_size})")
     if len(prompt_token_ids) + params.max_tokens > max_model_len:
         raise InvalidParameter(
-            "max_tokens", f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
-            f"+ max_tokens exceeds the maximum context length {max_model_len}")
+            "max_tokens",
+            f"invalid max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) "
+            f"+ max_tokens exceeds the maximum context length {max_model_len}",
+        )

@@ -6,6 +6,7 @@ the budget, the running limit and free KV pages allow. A sequence that cannot ge
 token preempts the newest running sequence, whose pages go back (cached where reusable) and which
 later recomputes its prompt and output so far.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -28,15 +29,19 @@ class ScheduledBatch:
     @property
     def sampling_rows(self) -> list[int]:
         """Rows whose last scheduled token ends their known tokens: they sample this step."""
-        return [i for i, (s, n) in enumerate(zip(self.seqs, self.num_new_tokens))
-                if s.num_computed_tokens + n == s.num_tokens]
+        return [
+            i
+            for i, (s, n) in enumerate(zip(self.seqs, self.num_new_tokens))
+            if s.num_computed_tokens + n == s.num_tokens
+        ]
 
 
 class Scheduler:
     """Limits come validated from `SchedulerConfig`; the policy orders admission (engine/policies/)."""
 
-    def __init__(self, kv: KVManager, policy: AdmissionPolicy, max_running_requests: int,
-                 max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv: KVManager, policy: AdmissionPolicy, max_running_requests: int, max_num_batched_tokens: int
+    ) -> None:
         self.kv = kv
         self.policy = policy
         self.max_running = max_running_requests

@@ -1,4 +1,5 @@
 """A request's state inside the engine: its tokens, how many have KV in the pool, and its pages."""
+
 from __future__ import annotations
 
 import enum
@@ -18,19 +19,19 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
-    seq_id: str                                    # one choice of one request (the frontend's "req-3/1")
+    seq_id: str  # one choice of one request (the frontend's "req-3/1")
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival: int                                   # admission order; preemption picks the newest
+    arrival: int  # admission order; preemption picks the newest
     token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     # KV state: tokens [0, num_computed_tokens) have K/V in the pages listed in logical order.
     num_computed_tokens: int = 0
     pages: list[int] = field(default_factory=list)
-    num_tree_pages: int = 0                        # leading pages owned by the prefix cache
-    cache_node: Any = None                         # prefix-cache handle this sequence keeps locked
-    num_cached_prompt_tokens: int = 0              # prompt tokens served from the prefix cache
+    num_tree_pages: int = 0  # leading pages owned by the prefix cache
+    cache_node: Any = None  # prefix-cache handle this sequence keeps locked
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -51,7 +52,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:

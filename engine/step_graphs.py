@@ -30,8 +30,16 @@ PrefillFn = Callable[..., torch.Tensor]
 
 
 class StepGraphs:
-    def __init__(self, decode_fn: DecodeFn, prefill_fn: PrefillFn, backend: PagedAttentionBase,
-                 cfg: CompileConfig, device: torch.device, tp_size: int, prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        decode_fn: DecodeFn,
+        prefill_fn: PrefillFn,
+        backend: PagedAttentionBase,
+        cfg: CompileConfig,
+        device: torch.device,
+        tp_size: int,
+        prefill_tokens: int,
+    ) -> None:
         self.backend = backend
         self.cfg = cfg
         self.device = device
@@ -46,8 +54,9 @@ class StepGraphs:
         # and capturing graphs on one thread while another runs eager steps segfaulted (H200, torch
         # 2.11), so there too the graphs are built by the first decode steps.
         if cfg.warmup == "background" and tp_size == 1 and device.type != "cuda":
-            threading.Thread(target=self.warm_up, args=(decode_fn, prefill_fn), name="compile-warmup",
-                             daemon=True).start()
+            threading.Thread(
+                target=self.warm_up, args=(decode_fn, prefill_fn), name="compile-warmup", daemon=True
+            ).start()
         else:
             self.decode, self.prefill = self._compile(decode_fn, prefill_fn)
             self.ready.set()
@@ -70,7 +79,7 @@ class StepGraphs:
         # The graphs take no float that changes between calls.
         torch._dynamo.config.specialize_float = True
         options = compile_options(self.cfg, self.device)
-        decode = torch.compile(decode_fn, **options, dynamic=True if self.backend.supports_dynamic_shapes else False)
+        decode = torch.compile(decode_fn, **options, dynamic=self.backend.supports_dynamic_shapes)
         if not self.cfg.prefill:
             return decode, None
         # CUDA graphs would record one graph per token count; there the prefill graph only fuses kernels.
@@ -117,10 +126,14 @@ class StepGraphs:
         pad_index = None
         if length > 1:
             pad_index = torch.arange(rows, device=dev).repeat_interleave(tokens) * length + positions
-        return PagedBatch(positions=positions, slot_mapping=SCRATCH_PAGE * page_size + positions % page_size,
-                          page_table=torch.full((rows, width), SCRATCH_PAGE, dtype=torch.long, device=dev),
-                          seq_lens=torch.full((rows,), tokens, dtype=torch.long, device=dev),
-                          max_query_len=length, pad_index=pad_index)
+        return PagedBatch(
+            positions=positions,
+            slot_mapping=SCRATCH_PAGE * page_size + positions % page_size,
+            page_table=torch.full((rows, width), SCRATCH_PAGE, dtype=torch.long, device=dev),
+            seq_lens=torch.full((rows,), tokens, dtype=torch.long, device=dev),
+            max_query_len=length,
+            pad_index=pad_index,
+        )
 
 
 def compile_options(cfg: CompileConfig, device: torch.device) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Tokenizers and chat templates through transformers; incremental detokenization and stop strings."""
+
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from engine.models.source import ModelSource, gguf_cache_dir
@@ -19,15 +21,16 @@ def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.path.name)
-    try:
+    with contextlib.suppress(OSError):  # read-only home: convert again next time
         tok.save_pretrained(str(cached))
-    except OSError:
-        pass  # read-only home: convert again next time
     return tok
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
-                chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("invalid messages: expected a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
@@ -37,8 +40,9 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
             raise ValueError(f"invalid messages[{i}].role={m['role']!r}")
     if tokenizer.chat_template is None:
         raise ValueError("this model's tokenizer has no chat template; use generate() with a raw prompt")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         **(chat_template_kwargs or {}))
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+    )
     # The template already wrote any BOS it wants.
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -58,25 +62,25 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0  # window start: decoding from here gives a stable text prefix
-        self._read = 0    # tokens already turned into emitted text
+        self._read = 0  # tokens already turned into emitted text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
             return ""
-        delta = after[len(before):]
+        delta = after[len(before) :]
         self._prefix, self._read = self._read, len(self.ids)
         self.text += delta
         return delta
 
     def finish(self) -> str:
         full = self._decode(self.ids)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += delta
         return delta
 
@@ -85,8 +89,13 @@ class TextState:
     """The visible text of one completion: detokenized, cut at the first stop string, and for streaming
     held back while its tail could still turn into a stop string."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], include_stop: bool = False,
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop: list[str],
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stop = stop
         self.include_stop = include_stop
@@ -106,9 +115,9 @@ class TextState:
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, searched_to)) >= 0]
         if hits:
             i, s = min(hits)
-            self.text = self.text[:i + len(s) if self.include_stop else i]
+            self.text = self.text[: i + len(s) if self.include_stop else i]
             self.stopped = True
         end = len(self.text) if finished or self.stopped else max(self.emitted, len(self.text) - self._holdback)
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = end
         return delta

@@ -6,6 +6,7 @@ node with this module, pointing at rank 0's node (the same overrides as the serv
     python -m engine.tp_worker parallel.tp=4 parallel.nnodes=2 parallel.node_rank=1 \
         parallel.master_addr=10.0.0.1 parallel.master_port=29500 model.path=/models/Qwen3-0.6B
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp

@@ -10,6 +10,7 @@ over it this machine allows at all.
 
     python experiments/matmul_bound.py dtype=float32
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,8 +60,12 @@ def record_schedule(llm: LLM) -> list[tuple[int, int]]:
 def linear_shapes(mc: ModelConfig) -> list[tuple[int, int]]:
     """(in, out) of every linear layer a token passes through, lm_head excluded."""
     q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-    layer = [(mc.hidden_size, q + 2 * kv), (q, mc.hidden_size), (mc.hidden_size, 2 * mc.intermediate_size),
-             (mc.intermediate_size, mc.hidden_size)]
+    layer = [
+        (mc.hidden_size, q + 2 * kv),
+        (q, mc.hidden_size),
+        (mc.hidden_size, 2 * mc.intermediate_size),
+        (mc.intermediate_size, mc.hidden_size),
+    ]
     return layer * mc.num_layers
 
 
@@ -74,8 +79,9 @@ def fastest(fn: Callable[[], None], repeats: int) -> float:
     return best
 
 
-def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Counter, repeats: int,
-                   bandwidth_gbs: float) -> tuple[float, float, float]:
+def matmul_seconds(
+    mc: ModelConfig, dtype: torch.dtype, device: str, steps: Counter, repeats: int, bandwidth_gbs: float
+) -> tuple[float, float, float]:
     """For the recorded steps ((token rows, logit rows) -> count): the model's matmuls timed through ATen at
     each step's shape, summed; the best rate (GFLOP/s) any step reached; and a roofline bound in which
     every step takes the longer of reading its weights once at `bandwidth_gbs` and its FLOPs at that
@@ -104,8 +110,9 @@ def matmul_seconds(mc: ModelConfig, dtype: torch.dtype, device: str, steps: Coun
             measured[tokens, logit_rows] = fastest(functools.partial(step, x, hidden), repeats), flops, nbytes
     best_rate = max(flops / seconds for seconds, flops, _ in measured.values())
     total = sum(steps[k] * seconds for k, (seconds, _, _) in measured.items())
-    bound = sum(steps[k] * max(nbytes / (bandwidth_gbs * 1e9), flops / best_rate)
-                for k, (_, flops, nbytes) in measured.items())
+    bound = sum(
+        steps[k] * max(nbytes / (bandwidth_gbs * 1e9), flops / best_rate) for k, (_, flops, nbytes) in measured.items()
+    )
     return total, best_rate / 1e9, bound
 
 
@@ -127,16 +134,35 @@ def main(cfg: DictConfig) -> float:
     hf_s = time.perf_counter() - t
     del hf
     bandwidth = read_bandwidth_gbs(512)
-    matmul_s, best_gflops, bound_s = matmul_seconds(llm.engine.model_config, dtype, cfg.device, Counter(steps), 3,
-                                                    bandwidth)
-    result = {"requests": len(requests), "output_tokens": tokens, "steps": len(steps),
-              "engine_s": round(engine_s, 2), "hf_s": round(hf_s, 2), "matmul_s": round(matmul_s, 2),
-              "best_gflops": round(best_gflops, 1), "roofline_s": round(bound_s, 2),
-              "speedup_vs_hf": round(hf_s / engine_s, 2), "max_speedup_vs_hf": round(hf_s / bound_s, 2),
-              "engine_over_bound": round(engine_s / bound_s, 2), "bandwidth_gbs": round(bandwidth, 1)}
-    log.info("engine %.1f s, transformers %.1f s (%.2fx); its matmuls through ATen %.1f s (best %.0f GFLOP/s); "
-             "roofline at %.1f GB/s and that rate %.1f s: at most %.2fx over transformers",
-             engine_s, hf_s, hf_s / engine_s, matmul_s, best_gflops, bandwidth, bound_s, hf_s / bound_s)
+    matmul_s, best_gflops, bound_s = matmul_seconds(
+        llm.engine.model_config, dtype, cfg.device, Counter(steps), 3, bandwidth
+    )
+    result = {
+        "requests": len(requests),
+        "output_tokens": tokens,
+        "steps": len(steps),
+        "engine_s": round(engine_s, 2),
+        "hf_s": round(hf_s, 2),
+        "matmul_s": round(matmul_s, 2),
+        "best_gflops": round(best_gflops, 1),
+        "roofline_s": round(bound_s, 2),
+        "speedup_vs_hf": round(hf_s / engine_s, 2),
+        "max_speedup_vs_hf": round(hf_s / bound_s, 2),
+        "engine_over_bound": round(engine_s / bound_s, 2),
+        "bandwidth_gbs": round(bandwidth, 1),
+    }
+    log.info(
+        "engine %.1f s, transformers %.1f s (%.2fx); its matmuls through ATen %.1f s (best %.0f GFLOP/s); "
+        "roofline at %.1f GB/s and that rate %.1f s: at most %.2fx over transformers",
+        engine_s,
+        hf_s,
+        hf_s / engine_s,
+        matmul_s,
+        best_gflops,
+        bandwidth,
+        bound_s,
+        hf_s / bound_s,
+    )
     out = record(result, cfg)
     log.info("results in %s (plot %s)", out, plot(out, "max_speedup_vs_hf", "most speed-up over transformers allowed"))
     return result["max_speedup_vs_hf"]

@@ -1,10 +1,11 @@
 """Offline throughput (nano-vllm's benchmark): N random prompts, random output lengths, ignore_eos.
 
-    python experiments/offline_throughput.py
-    python experiments/offline_throughput.py bench.compare_hf=true bench.rounds=3 dtype=float32
-    python experiments/offline_throughput.py -m scheduler=fcfs,lpm cache=radix,none attention=sdpa,flex
-    python experiments/offline_throughput.py model=qwen3 model.path=random-qwen3-0.6b
+python experiments/offline_throughput.py
+python experiments/offline_throughput.py bench.compare_hf=true bench.rounds=3 dtype=float32
+python experiments/offline_throughput.py -m scheduler=fcfs,lpm cache=radix,none attention=sdpa,flex
+python experiments/offline_throughput.py model=qwen3 model.path=random-qwen3-0.6b
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,8 @@ def main(cfg: DictConfig) -> float:
         raise ValueError(f"bench.rounds={b.rounds} must be at least 1")
     load_before = background_load()
     llm, requests, load_s = offline_workload(cfg)
-    hf = load_hf_model(cfg.model.path, EngineConfig.from_dictconfig(cfg).torch_dtype, cfg.device) if b.compare_hf else None
+    dtype = EngineConfig.from_dictconfig(cfg).torch_dtype
+    hf = load_hf_model(cfg.model.path, dtype, cfg.device) if b.compare_hf else None
     # Engine and transformers alternate, round after round: on a machine whose speed drifts by 20-30%
     # over minutes, the ratio within a round is what holds; the median round is reported.
     rounds = []
@@ -53,14 +55,22 @@ def main(cfg: DictConfig) -> float:
         log.info("round %d: %s", i + 1, ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
         rounds.append(row)
     median = sorted(rounds, key=lambda r: r.get("speedup_vs_hf", r["tokens_per_s"]))[(len(rounds) - 1) // 2]
-    result = {"requests": len(requests), "output_tokens": tokens, "rounds": len(rounds),
-              **{k: round(v, 2) for k, v in median.items()},
-              # one "a;b;c" string per metric: results.csv stays one value per column
-              **{f"{k}_by_round": ";".join(f"{r[k]:.2f}" for r in rounds) for k in median},
-              "load_s": round(load_s, 1),
-              "preemptions": llm.engine.stats()["preemptions"], "loadavg_before": load_before}
-    log.info("median round: engine %.1f tok/s%s", median["tokens_per_s"],
-             f", transformers {median['hf_tokens_per_s']:.1f} tok/s = {median['speedup_vs_hf']:.2f}x" if hf else "")
+    result = {
+        "requests": len(requests),
+        "output_tokens": tokens,
+        "rounds": len(rounds),
+        **{k: round(v, 2) for k, v in median.items()},
+        # one "a;b;c" string per metric: results.csv stays one value per column
+        **{f"{k}_by_round": ";".join(f"{r[k]:.2f}" for r in rounds) for k in median},
+        "load_s": round(load_s, 1),
+        "preemptions": llm.engine.stats()["preemptions"],
+        "loadavg_before": load_before,
+    }
+    log.info(
+        "median round: engine %.1f tok/s%s",
+        median["tokens_per_s"],
+        f", transformers {median['hf_tokens_per_s']:.1f} tok/s = {median['speedup_vs_hf']:.2f}x" if hf else "",
+    )
     out = record(result, cfg)
     log.info("results in %s (plot %s)", out, plot(out, "tokens_per_s", "offline throughput (output tok/s)"))
     return result["tokens_per_s"]

@@ -1,7 +1,8 @@
 """Prefix-sharing workload: many requests that share one long system prompt.
 
-    python experiments/prefix_sharing.py -m cache=radix,none scheduler=fcfs,lpm
+python experiments/prefix_sharing.py -m cache=radix,none scheduler=fcfs,lpm
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,10 @@ def main(cfg: DictConfig) -> float:
     rng = random.Random(b.seed)
     vocab = llm.engine.model_config.vocab_size
     shared = [rng.randrange(100, vocab - 100) for _ in range(b.shared_prefix_len)]
-    requests = [(shared + [rng.randrange(100, vocab - 100) for _ in range(rng.randint(*b.suffix_len))],
-                 b.output_len) for _ in range(b.num_requests)]
+    requests = [
+        (shared + [rng.randrange(100, vocab - 100) for _ in range(rng.randint(*b.suffix_len))], b.output_len)
+        for _ in range(b.num_requests)
+    ]
     # Warm-up on unrelated prompts: two rows, then one alone, so both decode graphs (batch 1 and dynamic)
     # are compiled before the clock starts.
     engine_generate(llm, [([7] * 20, 4), ([7] * 20, 8)])
@@ -41,11 +44,19 @@ def main(cfg: DictConfig) -> float:
     tokens = engine_generate(llm, requests, use_tqdm=True)
     elapsed = time.perf_counter() - t
     prompt_tokens = sum(len(p) for p, _ in requests)
-    result = {"requests": len(requests), "seconds": round(elapsed, 2),
-              "requests_per_s": round(len(requests) / elapsed, 2),
-              "total_tokens_per_s": round((prompt_tokens + tokens) / elapsed, 1)}
-    log.info("%s: %d requests in %.1f s (%.2f req/s)", cfg.cache._target_.rsplit(".", 1)[-1], len(requests),
-             elapsed, len(requests) / elapsed)
+    result = {
+        "requests": len(requests),
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(len(requests) / elapsed, 2),
+        "total_tokens_per_s": round((prompt_tokens + tokens) / elapsed, 1),
+    }
+    log.info(
+        "%s: %d requests in %.1f s (%.2f req/s)",
+        cfg.cache._target_.rsplit(".", 1)[-1],
+        len(requests),
+        elapsed,
+        len(requests) / elapsed,
+    )
     out = record(result, cfg)
     plot(out, "requests_per_s", "shared-prefix workload (requests/s)")
     return result["requests_per_s"]

@@ -4,6 +4,7 @@ measured decode step at each batch size.
     python experiments/roofline.py
     python experiments/roofline.py dtype=float32 compile.enabled=false
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,9 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
         eng.runner.run = original
         eng.prefix_cache.reset()
     if not times:
-        raise RuntimeError(f"no decode step ran all {batch} rows at once: raise scheduler.max_running_requests "
-                           "or kv_cache.memory_mb")
+        raise RuntimeError(
+            f"no decode step ran all {batch} rows at once: raise scheduler.max_running_requests or kv_cache.memory_mb"
+        )
     times.sort()
     return 1000 * times[len(times) // 2]
 
@@ -91,12 +93,30 @@ def main(cfg: DictConfig) -> None:
         after = read_bandwidth_gbs(b.bandwidth_mb)
         bw = (before + after) / 2
         floor_ms = weight_bytes / (bw * 1e9) * 1000
-        log.info("batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s",
-                 batch, ms, ms / floor_ms, floor_ms, bw, before, after, batch * 1000 / ms)
-        record({"batch": batch, "step_ms": round(ms, 1), "floor_ms": round(floor_ms, 1),
-                "x_floor": round(ms / floor_ms, 2), "tokens_per_s": round(batch * 1000 / ms, 1),
-                "bandwidth_gbs": round(bw, 1), "bandwidth_before_after": f"{before:.1f};{after:.1f}",
-                "loadavg": os.getloadavg()[0]}, cfg)
+        log.info(
+            "batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s",
+            batch,
+            ms,
+            ms / floor_ms,
+            floor_ms,
+            bw,
+            before,
+            after,
+            batch * 1000 / ms,
+        )
+        record(
+            {
+                "batch": batch,
+                "step_ms": round(ms, 1),
+                "floor_ms": round(floor_ms, 1),
+                "x_floor": round(ms / floor_ms, 2),
+                "tokens_per_s": round(batch * 1000 / ms, 1),
+                "bandwidth_gbs": round(bw, 1),
+                "bandwidth_before_after": f"{before:.1f};{after:.1f}",
+                "loadavg": os.getloadavg()[0],
+            },
+            cfg,
+        )
 
 
 if __name__ == "__main__":

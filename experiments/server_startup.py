@@ -4,6 +4,7 @@ streamed token of one chat request arrives (then, optionally, until the compiled
     python experiments/server_startup.py                       # the default model, background compile
     python experiments/server_startup.py compile.warmup=lazy   # first token waits for compilation
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,9 @@ def main(cfg: DictConfig) -> float:
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", timeout=900, max_retries=0)
         model = client.models.list().data[0].id
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi!"}],
-                                                max_tokens=8, temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8, temperature=0, stream=True
+        )
         first = None
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:

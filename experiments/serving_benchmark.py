@@ -6,6 +6,7 @@ and throughput.
     python experiments/serving_benchmark.py bench.url=http://127.0.0.1:8000 bench.concurrency=32
     python experiments/serving_benchmark.py -m bench.concurrency=1,4,16 cache=radix,none
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {}
     v = sorted(values)
     pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
-    return {"mean": statistics.fmean(v) * 1000, "p50": pick(0.5) * 1000, "p90": pick(0.9) * 1000,
-            "p99": pick(0.99) * 1000}
+    return {
+        "mean": statistics.fmean(v) * 1000,
+        "p50": pick(0.5) * 1000,
+        "p90": pick(0.9) * 1000,
+        "p99": pick(0.99) * 1000,
+    }
 
 
 def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subprocess.Popen, str]:
@@ -52,7 +57,13 @@ def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subproce
         port = s.getsockname()[1]
     hc = hydra.core.hydra_config.HydraConfig.get()
     overrides = [o for o in hc.overrides.task if not o.startswith("bench.")]
-    cmd = [sys.executable, "server.py", *overrides, f"server.port={port}", f"hydra.run.dir={hc.runtime.output_dir}/server"]
+    cmd = [
+        sys.executable,
+        "server.py",
+        *overrides,
+        f"server.port={port}",
+        f"hydra.run.dir={hc.runtime.output_dir}/server",
+    ]
     if warmup and not any(o.startswith("compile.warmup=") for o in overrides):
         cmd.append(f"compile.warmup={warmup}")
     if cfg.model.path and not any(o.startswith("model.path=") for o in overrides):
@@ -73,8 +84,9 @@ def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subproce
     raise SystemExit("server did not become healthy")
 
 
-async def run_load(url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int,
-                   rate: float | None, seed: int) -> dict:
+async def run_load(
+    url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int, rate: float | None, seed: int
+) -> dict:
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", timeout=600, max_retries=0)
     sem = asyncio.Semaphore(concurrency if rate is None else len(requests))
@@ -86,9 +98,15 @@ async def run_load(url: str, model: str, requests: list[tuple[list[int], int]], 
         async with sem:
             start = time.perf_counter()
             last = None
-            stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                     temperature=0, stream=True, extra_body={"ignore_eos": True},
-                                                     stream_options={"include_usage": True})
+            stream = await client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True},
+            )
             async for chunk in stream:
                 now = time.perf_counter()
                 if chunk.usage is not None:
@@ -110,11 +128,14 @@ async def run_load(url: str, model: str, requests: list[tuple[list[int], int]], 
     elapsed = time.perf_counter() - t0
     bar.close()
     await client.close()
-    return {"seconds": round(elapsed, 2), "output_tokens_per_s": round(tokens / elapsed, 1),
-            "requests_per_s": round(len(requests) / elapsed, 2),
-            **{f"ttft_{k}_ms": round(v, 1) for k, v in percentiles(ttft).items()},
-            **{f"itl_{k}_ms": round(v, 1) for k, v in percentiles(itl).items()},
-            **{f"e2e_{k}_ms": round(v, 1) for k, v in percentiles(e2e).items()}}
+    return {
+        "seconds": round(elapsed, 2),
+        "output_tokens_per_s": round(tokens / elapsed, 1),
+        "requests_per_s": round(len(requests) / elapsed, 2),
+        **{f"ttft_{k}_ms": round(v, 1) for k, v in percentiles(ttft).items()},
+        **{f"itl_{k}_ms": round(v, 1) for k, v in percentiles(itl).items()},
+        **{f"e2e_{k}_ms": round(v, 1) for k, v in percentiles(e2e).items()},
+    }
 
 
 @hydra.main(config_path="../configs", config_name="serving", version_base=None)
@@ -126,7 +147,6 @@ def main(cfg: DictConfig) -> float:
     requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len), vocab, b.seed)
     proc, url = (None, b.url) if b.url else start_server(cfg)
     try:
-
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"] if url else served_model_name(None, None)
         asyncio.run(run_load(url, model, requests[:2], 2, None, b.seed))  # warm-up (compile)
         result = asyncio.run(run_load(url, model, requests, b.concurrency, b.request_rate, b.seed))

@@ -1,4 +1,5 @@
 """Workloads and result plumbing shared by the experiment scripts."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,15 +19,21 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.models.source import engine_cache_dir, resolve_model
 
-QWEN3_0P6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                  tie_word_embeddings=True)
+QWEN3_0P6B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+)
 
 
 def random_qwen3_checkpoint(cache: Path | None = None) -> Path:
     """A Qwen3-0.6B-shaped checkpoint with random weights and the real Qwen3 tokenizer (built once)."""
-
-
 
     cache = cache or engine_cache_dir()
     path = cache / "random-qwen3-0.6b"
@@ -49,12 +56,15 @@ def resolve_bench_model(cfg: DictConfig) -> None:
         cfg.model.path = str(random_qwen3_checkpoint())
 
 
-def random_requests(num: int, input_len: list[int], output_len: list[int], vocab: int, seed: int
-                    ) -> list[tuple[list[int], int]]:
+def random_requests(
+    num: int, input_len: list[int], output_len: list[int], vocab: int, seed: int
+) -> list[tuple[list[int], int]]:
     """nano-vllm's workload: random token prompts and output lengths, uniform in the given ranges."""
     rng = random.Random(seed)
-    return [([rng.randrange(100, vocab - 100) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
-            for _ in range(num)]
+    return [
+        ([rng.randrange(100, vocab - 100) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
+        for _ in range(num)
+    ]
 
 
 def results_dir() -> Path:
@@ -77,7 +87,7 @@ def record(result: dict[str, Any], cfg: DictConfig) -> Path:
     row = {**choices(), "dtype": dtype, "compile": cfg.compile.enabled, **result}
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "results.csv", "w") as f:
         f.write(",".join(keys) + "\n")
@@ -93,7 +103,7 @@ def plot(out: Path, metric: str, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     labels = [" ".join(f"{r.get(k)}" for k in ("attention", "cache", "scheduler")) for r in rows]
     values = [r[metric] for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 4))
@@ -110,10 +120,8 @@ def plot(out: Path, metric: str, title: str) -> Path:
     return path
 
 
-
 def load_hf_model(model_path: str | None, dtype, device: str = "cpu"):
     """The same checkpoint through transformers (the baseline), on the same dtype and device."""
-
 
     src = resolve_model(model_path)
     if src.is_gguf:
@@ -129,13 +137,14 @@ def hf_generate(model, requests: list[tuple[list[int], int]], batch_size: int, p
     useful = 0
     with torch.inference_mode():
         for i in range(0, len(requests), batch_size):
-            chunk = requests[i:i + batch_size]
+            chunk = requests[i : i + batch_size]
             width = max(len(p) for p, _ in chunk)
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in chunk], device=model.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=model.device)
             new = max(n for _, n in chunk)
-            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=pad_id)
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad_id
+            )
             useful += sum(n for _, n in chunk)
     return useful
 
@@ -144,13 +153,13 @@ def offline_workload(cfg: DictConfig) -> tuple[Any, list[tuple[list[int], int]],
     """The engine for `cfg` with its step graphs compiled, the offline benchmark's requests, and the
     seconds the engine took to load (compilation excluded)."""
 
-
     t = time.perf_counter()
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))
     load_s = time.perf_counter() - t
     b = cfg.bench
-    requests = random_requests(b.num_requests, list(b.input_len), list(b.output_len),
-                               llm.engine.model_config.vocab_size, b.seed)
+    requests = random_requests(
+        b.num_requests, list(b.input_len), list(b.output_len), llm.engine.model_config.vocab_size, b.seed
+    )
     engine_generate(llm, requests[:4])  # warm-up: compiles the step graphs
     return llm, requests, load_s
 

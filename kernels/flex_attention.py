@@ -5,6 +5,7 @@ builds a physical-to-logical page map per batch row; the mask_mod admits a pool 
 its page belongs to b and its logical position is <= the query's. The block mask is built once per step
 and shared by all layers. FlexAttention is only fast compiled, so it always runs through torch.compile.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,10 @@ def _flex_outside_caller_graph(q, k, v, block_mask):
 
 class FlexPagedAttention(PagedAttentionBase):
     supports_dynamic_shapes = False
-    def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int,
-                 kv_block_size: int = 128) -> None:
+
+    def __init__(
+        self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int, kv_block_size: int = 128
+    ) -> None:
         super().__init__(k_cache, v_cache, page_size)
         self.num_pages = k_cache[0].shape[0]
         self.kv_block_size = kv_block_size
@@ -65,12 +68,14 @@ class FlexPagedAttention(PagedAttentionBase):
             page = phys_to_logical[b_idx, kv_idx // ps]
             return (page >= 0) & (page * ps + kv_idx % ps <= q_pos[b_idx, q_idx])
 
-        block_mask = create_block_mask(mask_mod, b, None, batch.max_query_len, span * ps,
-                                       device=device, BLOCK_SIZE=(128, self.kv_block_size))
+        block_mask = create_block_mask(
+            mask_mod, b, None, batch.max_query_len, span * ps, device=device, BLOCK_SIZE=(128, self.kv_block_size)
+        )
         return batch, block_mask
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: tuple[PagedBatch, BlockMask]) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
+    ) -> torch.Tensor:
         batch, block_mask = meta
         self.write_kv(layer, k, v, batch.slot_mapping)
         kc, vc = self.k_cache[layer], self.v_cache[layer]
@@ -80,7 +85,8 @@ class FlexPagedAttention(PagedAttentionBase):
         out = _flex_outside_caller_graph(self.pad_queries(q, batch), keys, values, block_mask)
         return self.unpad(out, batch)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               meta: tuple[PagedBatch, BlockMask]) -> torch.Tensor:
+    def decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
+    ) -> torch.Tensor:
         # The block mask already covers one query per row; nothing to specialise.
         return self.forward(layer, q, k, v, meta)

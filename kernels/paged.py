@@ -1,13 +1,15 @@
 """The paged attention interface (`attention=` picks an implementation): the per-step batch layout,
 the three paths a backend provides (prefill/mixed steps, compiled decode steps, the opaque op of the
 compiled prefill graph) and the K/V cache write they share."""
+
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -16,10 +18,10 @@ import torch
 class PagedBatch:
     """Where each flattened token of a step sits: its request row, its position and its cache slot."""
 
-    positions: torch.Tensor      # [T] absolute position of each new token
-    slot_mapping: torch.Tensor   # [T] page * page_size + offset where its K/V is written
-    page_table: torch.Tensor     # [B, P] physical page of each logical page (0-padded)
-    seq_lens: torch.Tensor       # [B] tokens with K/V once this step is done
+    positions: torch.Tensor  # [T] absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] page * page_size + offset where its K/V is written
+    page_table: torch.Tensor  # [B, P] physical page of each logical page (0-padded)
+    seq_lens: torch.Tensor  # [B] tokens with K/V once this step is done
     max_query_len: int
     pad_index: torch.Tensor | None  # [T] row * max_query_len + offset; None when every row has one token
 

@@ -2,13 +2,20 @@
 
 Order follows transformers' generate: penalties, then temperature, top-k, top-p, min-p.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen: torch.Tensor,
-                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    output_counts: torch.Tensor,
+    seen: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    repetition: torch.Tensor,
+) -> torch.Tensor:
     """OpenAI presence/frequency penalties over generated tokens, and HF's repetition penalty over
     every token the sequence holds (prompt included).
 
@@ -21,8 +28,9 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen: tor
     return logits - presence.unsqueeze(1) * (output_counts > 0).to(logits.dtype)
 
 
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                            min_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Mask (to -inf) what top-k, then top-p, then min-p would drop. top_k == 0 disables it per row."""
     vocab = logits.shape[-1]
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):

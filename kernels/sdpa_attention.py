@@ -5,6 +5,7 @@ boolean mask (position <= query position) covers causality, padding and stale sl
 left to SDPA (`enable_gqa`), which measured ~15x faster here than repeating K/V heads. Compiled
 decode steps (one query per row) skip the gather and the mask: `decode` runs `paged_decode_attention`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 from kernels.decode_attention import paged_decode_attention
 from kernels.paged import PagedAttentionBase, PagedBatch
-
 
 # (indices of the group's tokens in the flattened step, or None for all; its sub-batch; its mask)
 Group = tuple[torch.Tensor | None, PagedBatch, torch.Tensor]
@@ -39,17 +39,20 @@ class SDPAAttention(PagedAttentionBase):
             rank = members.cumsum(0) - 1
             pad_index = rank[rows[tokens]] * longest + batch.pad_index[tokens] % batch.max_query_len
             sub = PagedBatch(
-                positions=batch.positions[tokens], slot_mapping=batch.slot_mapping[tokens],
-                page_table=batch.page_table[row_ids, :self.padded_pages(pages)], seq_lens=batch.seq_lens[row_ids],
-                max_query_len=longest, pad_index=None if longest == 1 else pad_index)
+                positions=batch.positions[tokens],
+                slot_mapping=batch.slot_mapping[tokens],
+                page_table=batch.page_table[row_ids, : self.padded_pages(pages)],
+                seq_lens=batch.seq_lens[row_ids],
+                max_query_len=longest,
+                pad_index=None if longest == 1 else pad_index,
+            )
             groups.append((tokens, sub, self._mask(sub)))
         return batch, groups
 
     def prepare_decode(self, batch: PagedBatch) -> PagedBatch:
         return batch
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: PagedBatch) -> torch.Tensor:
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         self.write_kv(layer, k, v, batch.slot_mapping)
         return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table, batch.positions)
 
@@ -66,8 +69,9 @@ class SDPAAttention(PagedAttentionBase):
         rows = cache.view(cache.shape[0], -1).index_select(0, page_table.flatten())
         return rows.view(b, pages * self.page_size, *cache.shape[2:]).transpose(1, 2)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: tuple[PagedBatch, list[Group]]) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, list[Group]]
+    ) -> torch.Tensor:
         batch, groups = meta
         self.write_kv(layer, k, v, batch.slot_mapping)
         if groups[0][0] is None:
@@ -80,6 +84,7 @@ class SDPAAttention(PagedAttentionBase):
     def _attend(self, layer: int, q: torch.Tensor, batch: PagedBatch, mask: torch.Tensor) -> torch.Tensor:
         keys = self._gather(self.k_cache[layer], batch.page_table)
         values = self._gather(self.v_cache[layer], batch.page_table)
-        out = F.scaled_dot_product_attention(self.pad_queries(q, batch), keys.to(q.dtype), values.to(q.dtype),
-                                             attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            self.pad_queries(q, batch), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+        )
         return self.unpad(out, batch)

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random Qwen3 checkpoint (real Qwen3 tokenizer) and the real SmolLM2."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,9 +49,19 @@ def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0) -> Path:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(
-        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
-        tie_word_embeddings=tie, initializer_range=0.5, eos_token_id=151645, bos_token_id=151643,
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        initializer_range=0.5,
+        eos_token_id=151645,
+        bos_token_id=151643,
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).eval()
@@ -87,14 +98,15 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[l
     with torch.no_grad():
         for ids in prompt_ids:
             x = torch.tensor([ids])
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=0)
-            outs.append(y[0, len(ids):].tolist())
+            y = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            )
+            outs.append(y[0, len(ids) :].tolist())
     return outs
 
 
 def trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in eos:
-            return tokens[:i + 1]
+            return tokens[: i + 1]
     return tokens

@@ -1,16 +1,19 @@
 """Greedy output token-identical to transformers' generate, and logprobs within 1e-3, on a tiny random
 Qwen3 (fp32) under every engine configuration that changes how the work is scheduled or computed."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPTS, hf_greedy, trim_at_eos
+
 from engine import LLM, SamplingParams
 
 MAX_NEW = 12
-SHARED = ("You are a careful assistant. Answer briefly and precisely, and never invent facts. "
-          "Think about the question before answering it. ")
+SHARED = (
+    "You are a careful assistant. Answer briefly and precisely, and never invent facts. "
+    "Think about the question before answering it. "
+)
 
 CONFIGS = {
     "eager": dict(enforce_eager=True),
@@ -18,6 +21,7 @@ CONFIGS = {
     "page-size-4": dict(enforce_eager=True, page_size=4),
     "no-prefix-cache": dict(enforce_eager=True, cache="none"),
     "lpm": dict(enforce_eager=True, scheduler="lpm", max_num_batched_tokens=32),
+    "priority": dict(enforce_eager=True, scheduler="priority", max_running_requests=3),
     "max-running-3": dict(enforce_eager=True, max_running_requests=3),
     "flex": dict(enforce_eager=True, attention="flex"),
     # Both graphs: prefill chunks of 32 tokens leave some steps with one or no row to sample.
@@ -60,13 +64,22 @@ def test_greedy_matches_transformers(name, tiny_qwen3, reference, device):
         assert all(o.usage.cached_tokens == 0 for o in outs)
 
 
-@pytest.mark.parametrize("eager", [pytest.param(True, id="eager"), pytest.param(False, marks=pytest.mark.slow, id="compiled")])
+@pytest.mark.parametrize(
+    "eager", [pytest.param(True, id="eager"), pytest.param(False, marks=pytest.mark.slow, id="compiled")]
+)
 def test_logprobs_match_transformers(eager, tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
-    llm = LLM(str(tiny_qwen3), dtype=torch.float32, enforce_eager=eager, progress_bar=False, device=device,
-              max_num_batched_tokens=5)  # prompt logprobs gathered across several prefill chunks
+    llm = LLM(
+        str(tiny_qwen3),
+        dtype=torch.float32,
+        enforce_eager=eager,
+        progress_bar=False,
+        device=device,
+        max_num_batched_tokens=5,
+    )  # prompt logprobs gathered across several prefill chunks
     prompts = [qwen_tokenizer.encode(p) for p in PROMPTS[:4]]
-    outs = llm.generate_outputs(prompts, SamplingParams(max_tokens=1, temperature=0, logprobs=True,
-                                                        top_logprobs=3, prompt_logprobs=2))
+    outs = llm.generate_outputs(
+        prompts, SamplingParams(max_tokens=1, temperature=0, logprobs=True, top_logprobs=3, prompt_logprobs=2)
+    )
     for ids, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf_tiny_qwen3(torch.tensor([ids])).logits[0].float().log_softmax(-1)

@@ -1,11 +1,12 @@
 """The compiled decode path's attention against SDPA over the gathered context, and background compilation."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import PROMPTS, hf_greedy, trim_at_eos
+
 from engine import LLM, SamplingParams
 from kernels.decode_attention import paged_decode_attention
 
@@ -23,7 +24,7 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
     used = 0
     for row, n in enumerate(lengths):
         pages = -(-n // page_size)
-        table[row, :pages] = perm[used:used + pages]
+        table[row, :pages] = perm[used : used + pages]
         used += pages
     positions = torch.tensor(lengths) - 1
     q = torch.randn(b, kv_heads * group, dim).to(dtype)
@@ -33,8 +34,9 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
     keys = k_cache[table].reshape(b, width * page_size, kv_heads, dim).transpose(1, 2)
     values = v_cache[table].reshape(b, width * page_size, kv_heads, dim).transpose(1, 2)
     mask = (torch.arange(width * page_size) <= positions.view(-1, 1)).view(b, 1, 1, -1)
-    want = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys.float(), values.float(), attn_mask=mask,
-                                          enable_gqa=True).squeeze(2)
+    want = F.scaled_dot_product_attention(
+        q.float().unsqueeze(2), keys.float(), values.float(), attn_mask=mask, enable_gqa=True
+    ).squeeze(2)
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tol), (got.float() - want).abs().max()
@@ -44,8 +46,9 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
 def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
     expected = hf_greedy(hf_tiny_qwen3, ids, 8)
-    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device,
-              **{"compile.warmup": "background"})
+    llm = LLM(
+        str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device, **{"compile.warmup": "background"}
+    )
     runner = llm.engine.runner
     compiled_plans = []
     plan = runner.plan

@@ -1,4 +1,5 @@
 """Incremental detokenization on multi-byte text, and stop strings (cut, hold-back while streaming)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,12 +1,13 @@
 """The Python API: generate / generate_outputs / chat / stream, sampling options, and bad input."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 import torch
-
 from conftest import PROMPTS
+
 from engine import LLM, SamplingParams
 
 
@@ -64,10 +65,10 @@ def test_stop_strings_and_stop_token_ids(llm):
     piece = llm.tokenizer.decode(ids[5:7])
     (cut,) = llm.generate_outputs([PROMPTS[3]], max_tokens=12, temperature=0, stop=[piece])
     assert cut.outputs[0].finish_reason == "stop"
-    assert cut.outputs[0].text == text[:text.index(piece)]
+    assert cut.outputs[0].text == text[: text.index(piece)]
     assert len(cut.outputs[0].token_ids) < len(ids)
     (by_id,) = llm.generate_outputs([PROMPTS[3]], max_tokens=12, temperature=0, stop_token_ids=[ids[3]])
-    assert by_id.outputs[0].token_ids == ids[:ids.index(ids[3]) + 1]
+    assert by_id.outputs[0].token_ids == ids[: ids.index(ids[3]) + 1]
     assert by_id.outputs[0].finish_reason == "stop"
     assert_pool_full(llm)
 
@@ -82,7 +83,7 @@ def test_eos_and_ignore_eos(llm):
         (ignored,) = llm.generate_outputs([PROMPTS[2]], max_tokens=6, temperature=0, ignore_eos=True)
     finally:
         llm.engine.eos_token_ids = saved
-    assert stopped.outputs[0].token_ids == ids[:ids.index(ids[2]) + 1]
+    assert stopped.outputs[0].token_ids == ids[: ids.index(ids[2]) + 1]
     assert stopped.outputs[0].finish_reason == "stop"
     assert ignored.outputs[0].token_ids == ids and ignored.outputs[0].finish_reason == "length"
 
@@ -92,19 +93,29 @@ def test_penalties_reach_the_sampler(llm):
     ids = o.outputs[0].token_ids
     assert len(set(ids)) == 10, "a huge repetition penalty forbids repeats"
     assert not set(ids) & set(o.prompt_token_ids), "repetition penalty covers the prompt too"
-    (p,) = llm.generate_outputs([PROMPTS[2]], max_tokens=10, temperature=0, presence_penalty=2.0,
-                                frequency_penalty=2.0)
+    (p,) = llm.generate_outputs([PROMPTS[2]], max_tokens=10, temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
     (base,) = llm.generate_outputs([PROMPTS[2]], max_tokens=10, temperature=0)
     assert len(set(p.outputs[0].token_ids)) >= len(set(base.outputs[0].token_ids))
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(top_k=-3), "top_k"), (dict(min_p=2), "min_p"),
-    (dict(presence_penalty=3), "presence_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
-    (dict(top_logprobs=50), "top_logprobs"), (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"),
-    (dict(bogus=1), "bogus"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(n=0), "n"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2), "min_p"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(top_logprobs=50), "top_logprobs"),
+        (dict(stop=[""]), "stop"),
+        (dict(seed="x"), "seed"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
 def test_invalid_sampling_values_name_the_field(llm, kwargs, field):
     with pytest.raises(ValueError, match=field):
         llm.generate([PROMPTS[0]], **kwargs)

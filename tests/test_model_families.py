@@ -1,12 +1,13 @@
 """Llama-3 (with llama3 RoPE scaling) and Qwen2 (QKV bias) checkpoints, and hub ids from the local cache."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
 import torch
-
 from conftest import PROMPTS, hf_greedy, qwen_tokenizer_dir, trim_at_eos
+
 from engine import LLM
 from engine.models.source import resolve_model
 
@@ -21,11 +22,25 @@ def _save(model, path):
 def tiny_llama3(path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=2048,
-                      rope_theta=500000.0, initializer_range=0.5, tie_word_embeddings=True,
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    cfg = LlamaConfig(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        initializer_range=0.5,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     torch.manual_seed(1)
     return _save(LlamaForCausalLM(cfg).eval(), path)
 
@@ -33,9 +48,17 @@ def tiny_llama3(path):
 def tiny_qwen2(path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.5, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(2)
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # random non-zero biases, so a dropped bias would show

@@ -1,4 +1,5 @@
 """Radix prefix cache and page allocator: matching, splitting, reference counts, LRU eviction, no leaks."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,10 +1,16 @@
 """Sampling filters and penalties against transformers' logits processors; seeds; distributions."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -29,12 +35,18 @@ def hf_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 def test_filters_match_transformers_row_by_row(seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(6, V, generator=g) * 3
-    settings = [(1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1),
-                (0.5, 10, 0.9, 0.05), (2.0, 1, 0.5, 0.0)]
+    settings = [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 5, 1.0, 0.0),
+        (1.3, 0, 0.8, 0.0),
+        (1.0, 0, 1.0, 0.1),
+        (0.5, 10, 0.9, 0.05),
+        (2.0, 1, 0.5, 0.0),
+    ]
     t, k, p, m = (torch.tensor(col) for col in zip(*settings))
     ours = apply_top_k_top_p_min_p(logits / t.float().unsqueeze(1), k.long(), p.float(), m.float())
     for row, (temp, top_k, top_p, min_p) in enumerate(settings):
-        ref = hf_filter(logits[row:row + 1], temp, top_k, top_p, min_p)[0]
+        ref = hf_filter(logits[row : row + 1], temp, top_k, top_p, min_p)[0]
         assert torch.equal(torch.isinf(ours[row]), torch.isinf(ref)), f"row {row} keeps different tokens"
         kept = ~torch.isinf(ref)
         assert torch.allclose(ours[row][kept], ref[kept], atol=1e-5)
@@ -55,7 +67,8 @@ def test_penalties_match_reference():
     ours = apply_penalties(logits, counts, seen, torch.tensor([0.5, 0.0]), torch.tensor([0.2, 1.0]), rep)
     for i in range(2):
         ref = RepetitionPenaltyLogitsProcessor(rep[i].item())(
-            torch.tensor([prompt[i] + output[i]]), logits[i:i + 1].clone())[0]
+            torch.tensor([prompt[i] + output[i]]), logits[i : i + 1].clone()
+        )[0]
         ref -= [0.2, 1.0][i] * counts[i] + [0.5, 0.0][i] * (counts[i] > 0).float()
         assert torch.allclose(ours[i], ref, atol=1e-6)
 
@@ -85,9 +98,10 @@ def test_seeded_rows_do_not_depend_on_batch_or_engine_seed():
 
 def test_greedy_rows_take_the_argmax_and_logprobs_are_raw():
     logits = torch.randn(2, V)
-    tokens, logprobs = Sampler()(logits, [_seq("a", temperature=0, logprobs=True, top_logprobs=2,
-                                                repetition_penalty=1.5),
-                                          _seq("b", temperature=0)])
+    tokens, logprobs = Sampler()(
+        logits,
+        [_seq("a", temperature=0, logprobs=True, top_logprobs=2, repetition_penalty=1.5), _seq("b", temperature=0)],
+    )
     penalised = logits[0].clone()
     penalised[[1, 2, 3]] = torch.where(penalised[[1, 2, 3]] > 0, penalised[[1, 2, 3]] / 1.5, penalised[[1, 2, 3]] * 1.5)
     assert tokens == [penalised.argmax().item(), logits[1].argmax().item()]

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, started for real (`python server.py ...` on a free port) and driven
 with the official openai SDK and raw HTTP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,8 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import PROMPTS
+
 from engine import LLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,13 +31,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path | None, tmp: Path, *extra: str, port: int | None = None
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_dir: Path | None, tmp: Path, *extra: str, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
     """`python server.py` on a free port; model_dir None serves the embedded default model."""
     port = port or free_port()
     model = [] if model_dir is None else [f"model.path={model_dir}"]
-    cmd = [sys.executable, "server.py", *model, f"model.served_model_name={MODEL}",
-           "dtype=float32", "compile.enabled=false", f"server.port={port}", f"hydra.run.dir={tmp}", *extra]
+    cmd = [
+        sys.executable,
+        "server.py",
+        *model,
+        f"model.served_model_name={MODEL}",
+        "dtype=float32",
+        "compile.enabled=false",
+        f"server.port={port}",
+        f"hydra.run.dir={tmp}",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -75,8 +86,11 @@ def metric(url: str, name: str) -> float:
 def wait_idle(url: str, timeout: float = 20) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if metric(url, "engine_requests_running") == 0 and metric(url, "engine_requests_waiting") == 0 \
-                and metric(url, "engine_kv_pages_used") == 0:
+        if (
+            metric(url, "engine_requests_running") == 0
+            and metric(url, "engine_requests_waiting") == 0
+            and metric(url, "engine_kv_pages_used") == 0
+        ):
             return
         time.sleep(0.2)
     raise AssertionError("engine still holds requests or KV pages")
@@ -130,8 +144,16 @@ def test_chat_equals_llm_chat_stream_and_not(client, llm):
     assert resp.choices[0].message.content == expected.outputs[0].text
     assert resp.usage.prompt_tokens == len(expected.prompt_token_ids)
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -148,8 +170,12 @@ def test_async_non_stream_and_chat_template_kwargs(server, llm):
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused") as aclient:
             return await aclient.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=5, temperature=0,
-                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+                model=MODEL,
+                messages=messages,
+                max_tokens=5,
+                temperature=0,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+            )
 
     resp = asyncio.run(main())
     assert resp.usage.prompt_tokens == len(expected.prompt_token_ids)
@@ -158,19 +184,31 @@ def test_async_non_stream_and_chat_template_kwargs(server, llm):
 
 def test_content_parts_n_stop_and_logprobs(client, llm):
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-        max_completion_tokens=4, temperature=0, n=2, logprobs=True, top_logprobs=2)
+        model=MODEL,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        max_completion_tokens=4,
+        temperature=0,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert [c.index for c in resp.choices] == [0, 1]
     assert resp.choices[0].message.content == resp.choices[1].message.content  # greedy twice
     content = resp.choices[0].logprobs.content
     assert len(content) == 4 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
     assert abs(content[0].top_logprobs[0].logprob - content[0].logprob) < 1e-5  # greedy picks the top
     full = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=10, temperature=0).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=10, temperature=0, stop=stop)
-    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    seeded = [client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=3.0, seed=7,
-                                        extra_body={"top_k": 50}).choices[0].text for _ in range(2)]
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    seeded = [
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=3.0, seed=7, extra_body={"top_k": 50}
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
 
 
@@ -180,8 +218,7 @@ def test_async_client_32_concurrent_streams(server, llm):
     aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused")
 
     async def one(prompt):
-        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
-                                                  stream=True)
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
         pieces, reasons = [], []
         async for chunk in stream:
             pieces.append(chunk.choices[0].text)
@@ -200,21 +237,24 @@ def test_async_client_32_concurrent_streams(server, llm):
     wait_idle(server)
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    ({"model": MODEL}, 400, "messages"),
-    ({"model": MODEL, "messages": []}, 400, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "max_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
-    ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        ({"model": MODEL}, 400, "messages"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ],
+)
 def test_chat_error_matrix(server, body, status, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(f"{server}/v1/chat/completions", content=content, headers={"content-type": "application/json"})
@@ -225,8 +265,12 @@ def test_chat_error_matrix(server, body, status, param):
 
 
 def test_completion_errors_unknown_route_and_extra_fields(server):
-    for body, param in [({"model": MODEL}, "prompt"), ({"prompt": [1.5]}, "prompt"), ({"prompt": "x", "stop": 3}, "stop"),
-                        ({"prompt": [10**9]}, "prompt")]:
+    for body, param in [
+        ({"model": MODEL}, "prompt"),
+        ({"prompt": [1.5]}, "prompt"),
+        ({"prompt": "x", "stop": 3}, "stop"),
+        ({"prompt": [10**9]}, "prompt"),
+    ]:
         r = httpx.post(f"{server}/v1/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.get(f"{server}/v1/engines")
@@ -236,11 +280,16 @@ def test_completion_errors_unknown_route_and_extra_fields(server):
 
 
 def test_client_disconnect_aborts_and_frees_kv(server):
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", f"{server}/v1/completions",
-                         json={"prompt": PROMPTS[3], "max_tokens": 900, "stream": True, "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "POST",
+            f"{server}/v1/completions",
+            json={"prompt": PROMPTS[3], "max_tokens": 900, "stream": True, "ignore_eos": True},
+        ) as r,
+    ):
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
         # leaving the block closes the connection mid-stream
     wait_idle(server)
     assert metric(server, "engine_generation_tokens_total") > 0
@@ -261,8 +310,9 @@ def test_api_key_and_engine_death(tiny_qwen3, tmp_path):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
 
         engine_pid = httpx.get(f"{url}/health").json()["engine_pid"]
-        stream = good.completions.create(model=MODEL, prompt="Hello", max_tokens=900, stream=True,
-                                         extra_body={"ignore_eos": True})
+        stream = good.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=900, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))
         os.kill(engine_pid, signal.SIGKILL)
         with pytest.raises(openai.APIError):

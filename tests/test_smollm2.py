@@ -1,10 +1,11 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF loader."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPTS, hf_greedy, trim_at_eos
+
 from engine import LLM, SamplingParams
 from engine.models.source import embedded_model_path
 
@@ -43,8 +44,9 @@ def test_greedy_matches_transformers(smollm2, hf_smollm2):
 
 def test_logprobs_match_transformers(smollm2, hf_smollm2):
     ids = smollm2.encode(PROMPTS[3])
-    (out,) = smollm2.generate_outputs([ids], SamplingParams(max_tokens=1, temperature=0, logprobs=True,
-                                                            prompt_logprobs=0))
+    (out,) = smollm2.generate_outputs(
+        [ids], SamplingParams(max_tokens=1, temperature=0, logprobs=True, prompt_logprobs=0)
+    )
     with torch.no_grad():
         ref = hf_smollm2(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     got = torch.tensor([lp for lp, _ in out.prompt_logprobs[1:]])
@@ -54,8 +56,7 @@ def test_logprobs_match_transformers(smollm2, hf_smollm2):
 
 
 def test_chat_template(smollm2):
-    (out,) = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
-                          max_tokens=24, temperature=0)
+    (out,) = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0)
     assert "Paris" in out.outputs[0].text
     assert out.usage.prompt_tokens > 20  # the template added its system prompt and role markers
 
@@ -82,8 +83,12 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     cached = dict(loader.iter_checkpoint(src, cfg))
     direct = dict(loader._iter_gguf(path, cfg))
     assert cached.keys() == direct.keys()
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight",
-                 "model.embed_tokens.weight", "model.norm.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+    ):
         part = (slice(64, 192),)  # whole heads' rows, as a tensor-parallel rank reads them
         assert torch.equal(cached[name](part), direct[name](part)), name
     assert loader.load_config(src) == cfg and weights.stat().st_mtime_ns == written  # read, not converted again

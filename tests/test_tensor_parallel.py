@@ -1,4 +1,5 @@
 """Tensor parallelism over gloo on CPU: token-identical to one rank, through the API and the server."""
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,10 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import PROMPTS
-from engine import LLM
 from test_server import MODEL, start_server, stop, wait_ready
+
+from engine import LLM
 
 KW = dict(dtype=torch.float32, enforce_eager=True, progress_bar=False)
 
@@ -79,8 +80,9 @@ def test_server_tp2_serves_and_fails_cleanly_when_a_rank_dies(tiny_qwen3, tmp_pa
         resp = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=8, temperature=0)
         assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == expected
         (rank1,) = httpx.get(f"{url}/health").json()["tp_rank_pids"]
-        stream = client.completions.create(model=MODEL, prompt="Hello", max_tokens=900, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=900, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))
         os.kill(rank1, signal.SIGKILL)
         with pytest.raises(openai.APIError):

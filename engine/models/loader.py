@@ -3,6 +3,7 @@
 Every source is turned into a stream of (Hugging Face parameter name, tensor) pairs; one mapping then
 places those into the fused parameters of `CausalLM`. A GGUF file is converted once into safetensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ import functools
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -117,10 +118,17 @@ def _field(reader, key: str, default=None):
 # --------------------------------------------------------------------------------------------- weights
 
 _GGUF_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -140,9 +148,9 @@ def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, P
 
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensor = f.get_slice(name)
-                yield name, lambda part, tensor=tensor: tensor[part[:len(tensor.get_shape())]]
+                yield name, lambda part, tensor=tensor: tensor[part[: len(tensor.get_shape())]]
 
 
 def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
@@ -166,7 +174,7 @@ def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]
             w = torch.from_numpy(gguf.dequantize(t.data[part[0]], t.tensor_type).copy())
             if permuted:  # rows are sliced by whole heads, and the permutation stays inside a head
                 w = _undo_llama_cpp_permute(w, w.shape[0] // cfg.head_dim)
-            return w[(slice(None),) + part[1:w.dim()]]
+            return w[(slice(None),) + part[1 : w.dim()]]
 
         yield name, read
 
@@ -223,8 +231,10 @@ def load_weights(model: CausalLM, src: ModelSource) -> None:
         dest = params[target].data if rows is None else params[target].data[rows]
         tensor = read(part)
         if dest.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} for this rank, "
-                             f"expected {tuple(dest.shape)}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} for this rank, "
+                f"expected {tuple(dest.shape)}"
+            )
         dest.copy_(tensor)
         seen.add(target)
     missing = {n for n in params if n not in seen and not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
@@ -232,8 +242,9 @@ def load_weights(model: CausalLM, src: ModelSource) -> None:
         raise ValueError(f"checkpoint {src.path} lacks {sorted(missing)[:5]}")
 
 
-def build_model(src: ModelSource, cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device,
-                tp: TPGroup = TPGroup()) -> CausalLM:
+def build_model(
+    src: ModelSource, cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device, tp: TPGroup = TPGroup()
+) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(cfg, backend, tp)
     model = model.to_empty(device="cpu")

