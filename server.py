@@ -108,7 +108,7 @@ class Server:
             for text, ids in prompts:
                 req = self.frontend.track(text, ids, params, sink)
                 requests.append(req)
-                for seq_id, p in req.engine_requests():
+                for seq_id, p in req.sequences():
                     self.client.add(seq_id, ids, p)
                 self.metrics.request_received(len(ids))
         except BaseException:

@@ -48,7 +48,7 @@ class TrackedRequest:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    def engine_requests(self) -> list[tuple[str, SamplingParams]]:
+    def sequences(self) -> list[tuple[str, SamplingParams]]:
         """(sequence id, params) per choice; seeded choices get consecutive seeds so they differ."""
         return [
             (

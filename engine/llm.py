@@ -94,7 +94,7 @@ class LLM:
         with self._lock:
             req = self.frontend.track(prompt, ids, params, sink)
             try:
-                for sid, p in req.engine_requests():
+                for sid, p in req.sequences():
                     # Each choice is its own sequence; the radix cache lets them share the prompt's KV.
                     self.engine.add_sequence(sid, ids, p)
             except Exception:

@@ -86,23 +86,29 @@ def test_priority_policy_orders_by_priority_then_arrival_with_preempted_first():
     assert FCFS().order(waiting, None) == waiting
 
 
-def test_priority_scheduler_admits_lower_values_first(tiny_qwen3):
-    llm = LLM(
-        str(tiny_qwen3),
-        dtype=torch.float32,
-        enforce_eager=True,
-        progress_bar=False,
-        scheduler="priority",
-        max_num_seqs=1,
+def _one_at_a_time(tiny_qwen3, **overrides) -> LLM:
+    return LLM(
+        str(tiny_qwen3), dtype=torch.float32, enforce_eager=True, progress_bar=False, max_num_seqs=1, **overrides
     )
-    engine = llm.engine
-    ids = llm.tokenizer.encode(PROMPTS[0])
-    for seq_id, priority in [("low", 7), ("high", -1), ("mid", 3)]:
-        engine.add_sequence(seq_id, ids, SamplingParams(max_tokens=2, temperature=0, priority=priority))
+
+
+def _finish_order(llm: LLM, requests: list[tuple[str, str, SamplingParams]]) -> list[str]:
+    """Add every (seq_id, prompt, params) before the first step, then step to the end."""
+    for seq_id, prompt, params in requests:
+        llm.engine.add_sequence(seq_id, llm.tokenizer.encode(prompt), params)
     finished = []
-    while engine.has_unfinished():
-        finished += [o.seq_id for o in engine.step() if o.finished]
-    assert finished == ["high", "mid", "low"]
+    while llm.engine.has_unfinished():
+        finished += [o.seq_id for o in llm.engine.step() if o.finished]
+    return finished
+
+
+def test_priority_scheduler_admits_lower_values_first(tiny_qwen3):
+    llm = _one_at_a_time(tiny_qwen3, scheduler="priority")
+    requests = [
+        (name, PROMPTS[0], SamplingParams(max_tokens=2, temperature=0, priority=priority))
+        for name, priority in [("low", 7), ("high", -1), ("mid", 3)]
+    ]
+    assert _finish_order(llm, requests) == ["high", "mid", "low"]
 
 
 class LongestPromptFirst(AdmissionPolicy):
@@ -113,22 +119,11 @@ class LongestPromptFirst(AdmissionPolicy):
 
 
 def test_a_policy_from_another_module_plugs_in_through_the_config(tiny_qwen3):
-    llm = LLM(
-        str(tiny_qwen3),
-        dtype=torch.float32,
-        enforce_eager=True,
-        progress_bar=False,
-        max_num_seqs=1,
-        **{"scheduler.policy": {"_target_": f"{__name__}.LongestPromptFirst"}},
-    )
+    llm = _one_at_a_time(tiny_qwen3, **{"scheduler.policy": {"_target_": f"{__name__}.LongestPromptFirst"}})
     assert isinstance(llm.engine.scheduler.policy, LongestPromptFirst)
-    engine = llm.engine
-    for seq_id, prompt in [("short", PROMPTS[0]), ("long", PROMPTS[3]), ("mid", PROMPTS[7][:40])]:
-        engine.add_sequence(seq_id, llm.tokenizer.encode(prompt), SamplingParams(max_tokens=1, temperature=0))
-    finished = []
-    while engine.has_unfinished():
-        finished += [o.seq_id for o in engine.step() if o.finished]
-    assert finished == ["long", "mid", "short"]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    requests = [("short", PROMPTS[0], params), ("long", PROMPTS[3], params), ("mid", PROMPTS[7][:40], params)]
+    assert _finish_order(llm, requests) == ["long", "mid", "short"]
 
 
 def test_priority_in_a_request_body_reaches_sampling_params():
