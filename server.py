@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,9 +23,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+import engine
 from engine.config import ConfigError, EngineConfig
 from engine.engine_process import EngineClient, StepBatch
 from engine.frontend import Completion, OutputProcessor, TrackedRequest
@@ -53,6 +56,7 @@ from engine.sampling_params import InvalidParameter, SamplingParams, check_reque
 from engine.tokenizer import encode_chat, load_tokenizer
 
 log = logging.getLogger("server")
+WEB_DIR = Path(engine.__file__).resolve().parent / "web"  # the chat page served at /
 
 Prompt = tuple[str | None, list[int]]  # (text if the client sent text, token ids)
 Event = tuple[Completion, str, StepOutput]  # (choice, newly visible text, the engine's output)
@@ -256,6 +260,10 @@ async def completions(request: Request) -> Response:
     return await _generate(request, chat=False)
 
 
+async def chat_page(request: Request) -> Response:
+    return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 async def models(request: Request) -> Response:
     server = _server(request)
     return JSONResponse(
@@ -302,6 +310,8 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 
 
 ROUTES = [
+    Route("/", chat_page, methods=["GET"]),
+    Mount("/static", StaticFiles(directory=WEB_DIR), name="static"),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),

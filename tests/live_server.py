@@ -1,0 +1,86 @@
+"""Starting and watching a real `python server.py` for the tests (shared by the HTTP and the browser tests)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "tiny-qwen3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    model_dir: Path | None, tmp: Path, *extra: str, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`python server.py` on a free port; model_dir None serves the embedded default model."""
+    port = port or free_port()
+    model = [] if model_dir is None else [f"model.path={model_dir}"]
+    cmd = [
+        sys.executable,
+        "server.py",
+        *model,
+        f"model.served_model_name={MODEL}",
+        "dtype=float32",
+        "compile.enabled=false",
+        f"server.port={port}",
+        f"hydra.run.dir={tmp}",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server did not become healthy in time")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def wait_idle(url: str, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (
+            metric(url, "engine_requests_running") == 0
+            and metric(url, "engine_requests_waiting") == 0
+            and metric(url, "engine_kv_pages_used") == 0
+        ):
+            return
+        time.sleep(0.2)
+    raise AssertionError("engine still holds requests or KV pages")
