@@ -130,13 +130,17 @@ def test_phone_sized_viewport_fits_the_page(browser, smollm2_server):
 
 def test_model_output_is_rendered_as_text_never_html(browser, smollm2_server):
     page = open_page(browser, smollm2_server)
-    rendered = page.evaluate("""() => {
+    text = 'Try <img src=x onerror="window.pwned=1"> this:\n\n```python\nprint("<b>hi</b>")\n```\nDone.'
+    rendered = page.evaluate(
+        """(text) => {
         const div = document.createElement('div');
-        renderBody(div, 'Try <img src=x onerror="window.pwned=1"> this:\\n\\n```python\\nprint("<b>hi</b>")\\n```\\nDone.');
+        renderBody(div, text);
         return {html: div.innerHTML, imgs: div.querySelectorAll('img, b').length,
                 code: div.querySelector('pre code') && div.querySelector('pre code').textContent,
                 paragraphs: [...div.querySelectorAll('p')].map(p => p.textContent)};
-    }""")
+    }""",
+        text,
+    )
     assert rendered["imgs"] == 0 and "&lt;img" in rendered["html"]
     assert rendered["code"] == 'print("<b>hi</b>")\n'
     assert rendered["paragraphs"] == ['Try <img src=x onerror="window.pwned=1"> this:', "Done."]
