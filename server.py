@@ -10,14 +10,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import hydra
+import uvicorn
 from omegaconf import DictConfig
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -72,6 +75,8 @@ class Server:
         self.model_name = served_model_name(cfg.model.served_model_name, cfg.model.path)
         self.frontend = OutputProcessor(tokenizer, client.abort, prefix="http")
         self.metrics = Metrics()
+        self.started = int(time.time())  # `created` of the model in /v1/models
+        self.shutting_down = False
 
     # -- engine events (on the event loop) -----------------------------------------------------------
 
@@ -85,11 +90,22 @@ class Server:
         log.error("%s; failing in-flight requests", reason)
         self.frontend.fail_all(reason)
 
+    def begin_shutdown(self) -> None:
+        """SIGTERM/SIGINT: refuse new requests and end every open one with an error (streams get an error
+        chunk and [DONE]), so connections close at once and the engine can be stopped."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        log.info("shutting down: ending %d open sequence(s)", len(self.frontend.live))
+        self.frontend.fail_all("the server is shutting down")
+
     # -- request life cycle --------------------------------------------------------------------------
 
     def submit(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[TrackedRequest], asyncio.Queue]:
         """Track one request per prompt and send its choices to the engine; their outputs arrive on the
         returned queue."""
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down", "server_error")
         if not self.client.alive:
             raise APIError(503, "the engine is not running", "server_error")
         info = self.client.info
@@ -138,6 +154,8 @@ class Server:
             self.abort(requests)
             raise
         if any(c.finish_reason == "error" for r in requests for c in r.choices):
+            if self.shutting_down:
+                raise APIError(503, "the server is shutting down", "server_error")
             raise APIError(500, self.client.dead_reason or "the engine failed this request", "server_error")
 
     # -- responses -----------------------------------------------------------------------------------
@@ -365,6 +383,28 @@ class StartupError(Exception):
     pass
 
 
+class GracefulUvicorn(uvicorn.Server):
+    """uvicorn, told on SIGINT/SIGTERM to end the open requests first, and not re-raising the signal when
+    it is done (uvicorn does, and the re-raised SIGTERM killed this process before it stopped the engine:
+    the engine and its ranks were left running)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+        self.should_exit = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.on_exit)
+
+
 def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -377,8 +417,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(cfg: EngineConfig) -> None:
-    import uvicorn
-
     host, port = cfg.server.host, cfg.server.port
     sock = bind(host, port)  # fail on a taken port before spending time on the model
     try:
@@ -412,9 +450,11 @@ def serve(cfg: EngineConfig) -> None:
         port,
     )
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        GracefulUvicorn(config, on_exit=server.begin_shutdown).run(sockets=[sock])
     finally:
         client.shutdown()
+    log.info("stopped")
 
 
 @hydra.main(config_path="configs", config_name="serve", version_base=None)

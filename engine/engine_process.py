@@ -12,7 +12,9 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,31 +74,40 @@ class StepBatch:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+def exit_with_parent(interval: float = 0.5) -> None:
+    """End this process as soon as its parent is gone, whatever it is doing (a step, a compilation, a
+    collective): a watchdog thread, since the main thread may not look for minutes. Ctrl-C in a terminal
+    reaches the whole process group; the parent alone handles it and shuts its children down."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def engine_main(cfg: EngineConfig, inbox: mp.Queue, outbox: mp.Queue) -> None:
     """Entry point of the engine process: load, hand-shake, then step while there is work."""
     from engine.llm_engine import LLMEngine  # torch: only this process needs it, not the HTTP one
 
-    parent = os.getppid()
+    exit_with_parent()
     try:
         engine = LLMEngine(cfg, resolve_model(cfg.model.path))
     except Exception as e:  # reported to the parent, which exits with the message
         outbox.put(EngineFailed(f"{type(e).__name__}: {e}"))
         return
-    if _handshake(engine, inbox, outbox, parent):
-        _serve(engine, inbox, outbox, parent)
+    if _handshake(engine, inbox, outbox):
+        _serve(engine, inbox, outbox)
     engine.shutdown()
 
 
-def _handshake(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue, parent: int) -> bool:
+def _handshake(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue) -> bool:
     """Take the tokenizer's extra EOS ids (sent once the parent has loaded it; both load at the same time)
-    and report ready. False if the parent died or asked to shut down meanwhile."""
-    while True:
-        try:
-            first = inbox.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if os.getppid() != parent:
-                return False
+    and report ready. False if the parent asked to shut down meanwhile."""
+    first = inbox.get()
     if isinstance(first, Shutdown):
         return False
     engine.eos_token_ids.update(first.token_ids)
@@ -112,13 +123,11 @@ def _handshake(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue, parent: int
     return True
 
 
-def _serve(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue, parent: int) -> None:
-    """Apply what arrived, step once, report; until told to shut down or orphaned."""
+def _serve(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue) -> None:
+    """Apply what arrived, step once, report; until told to shut down."""
     while True:
         messages = _drain(inbox, block=not engine.has_unfinished())
         if not messages and not engine.has_unfinished():
-            if os.getppid() != parent:
-                return  # orphaned: the HTTP process is gone
             engine.check_health()  # a dead tensor-parallel rank ends this process, so /health turns red
         if any(isinstance(m, Shutdown) for m in messages):
             return
@@ -162,11 +171,12 @@ class EngineClient:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
-        # Not a daemon: it starts tensor-parallel ranks of its own. It exits when orphaned (see engine_main).
+        # Not a daemon: it starts tensor-parallel ranks of its own. It exits when orphaned (`exit_with_parent`).
         self.process = ctx.Process(target=engine_main, name="engine", daemon=False, args=(cfg, self.inbox, self.outbox))
         self.info: EngineReady | None = None
         self.stats: dict[str, int] = {}
         self.dead_reason: str | None = None
+        self.stopping = False  # set by shutdown: the process ending then is no failure
 
     def launch(self) -> None:
         """Start loading the model in the engine process; the caller goes on with its own loading."""
@@ -217,6 +227,8 @@ class EngineClient:
                 try:
                     msg = self.outbox.get(timeout=0.25)
                 except queue.Empty:
+                    if self.stopping:
+                        return
                     if not self.process.is_alive():
                         self.dead_reason = f"engine process died (exit code {self.process.exitcode})"
                         loop.call_soon_threadsafe(on_death, self.dead_reason)
@@ -224,15 +236,22 @@ class EngineClient:
                     continue
                 except (EOFError, OSError):
                     return
-                loop.call_soon_threadsafe(on_batch, msg)
+                try:
+                    loop.call_soon_threadsafe(on_batch, msg)
+                except RuntimeError:  # the loop is closed: the server has stopped
+                    return
 
         thread = threading.Thread(target=run, name="engine-relay", daemon=True)
         thread.start()
         return thread
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 4.0) -> None:
+        """Ask the engine to stop; kill it if it has not within `timeout` (it only reads its inbox between
+        steps, and a compilation can take minutes). Its tensor-parallel ranks follow it out on their own."""
+        self.stopping = True
         if self.process.is_alive():
             self.inbox.put(Shutdown())
-            self.process.join(timeout=5)
+            self.process.join(timeout=timeout)
             if self.process.is_alive():
                 self.process.kill()
+                self.process.join(timeout=2)

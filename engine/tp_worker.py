@@ -12,28 +12,20 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-import threading
-import time
 
 import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig, compose_overrides
+from engine.engine_process import exit_with_parent
 from engine.model_runner import build_runner
 from engine.models.loader import load_config
 from engine.models.source import resolve_model
 from engine.parallel import TPGroup, init_distributed
 
 
-def _exit_with_parent(parent: int) -> None:
-    # A rank left behind by a dead parent would sit in a collective until the timeout.
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
 def worker_main(cfg: EngineConfig, rank: int, num_pages: int) -> None:
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    exit_with_parent()  # a rank left behind by a dead rank 0 would sit in a collective until the timeout
     p = cfg.parallel
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.tp))
     init_distributed(rank, p.tp, p.master_addr, p.master_port, p.backend, p.timeout_s)

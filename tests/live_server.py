@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: Path | None, tmp: Path, *extra: str, port: int | None = None
+    model_dir: Path | None, tmp: Path, *extra: str, port: int | None = None, new_session: bool = False
 ) -> tuple[subprocess.Popen, str]:
-    """`python server.py` on a free port; model_dir None serves the embedded default model."""
+    """`python server.py` on a free port; model_dir None serves the embedded default model. With
+    `new_session` it leads a process group of its own (as a shell's foreground job does, for Ctrl-C)."""
     port = port or free_port()
     model = [] if model_dir is None else [f"model.path={model_dir}"]
     cmd = [
@@ -38,7 +39,9 @@ def start_server(
         f"hydra.run.dir={tmp}",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -84,3 +87,40 @@ def wait_idle(url: str, timeout: float = 20) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("engine still holds requests or KV pages")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` now (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child nobody reaped yet counts as gone)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running after up to `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = [p for p in pids if running(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if running(p)]
