@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import signal
@@ -46,6 +48,7 @@ from engine.openai_protocol import (
     delta_choice,
     error_body,
     final_choice,
+    max_tokens_given,
     object_name,
     role_choice,
     sampling_params,
@@ -76,6 +79,9 @@ class Server:
         self.frontend = OutputProcessor(tokenizer, client.abort, prefix="http")
         self.metrics = Metrics()
         self.started = int(time.time())  # `created` of the model in /v1/models
+        # Stable while the served model and its numerics are: clients may compare it across responses.
+        setup = f"{self.model_name}|{cfg.dtype}|{cfg.attention.target}|{cfg.compile.enabled}"
+        self.fingerprint = "fp_" + hashlib.sha1(setup.encode()).hexdigest()[:10]
         self.shutting_down = False
 
     # -- engine events (on the event loop) -----------------------------------------------------------
@@ -101,7 +107,9 @@ class Server:
 
     # -- request life cycle --------------------------------------------------------------------------
 
-    def submit(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[TrackedRequest], asyncio.Queue]:
+    def submit(
+        self, prompts: list[Prompt], params: SamplingParams, chat: bool = False
+    ) -> tuple[list[TrackedRequest], asyncio.Queue]:
         """Track one request per prompt and send its choices to the engine; their outputs arrive on the
         returned queue."""
         if self.shutting_down:
@@ -113,7 +121,7 @@ class Server:
             try:
                 check_request(ids, params, info.vocab_size, info.max_model_len)
             except InvalidParameter as e:
-                raise APIError(400, str(e), param=e.param) from None
+                raise APIError(400, str(e), param="messages" if chat and e.param == "prompt" else e.param) from None
         events: asyncio.Queue[Event] = asyncio.Queue()
         submitted_at = time.perf_counter()
 
@@ -193,10 +201,11 @@ class Server:
         index = {c.seq_id: ri * n + c.index for ri, r in enumerate(requests) for c in r.choices}
         owner = {c.seq_id: r for r in requests for c in r.choices}
         obj = object_name(chat, chunk=True)
+        usage_field = {"usage": None} if include_usage else {}  # OpenAI's chunks carry it, null until the last
         try:
             if chat:
                 for i in index.values():
-                    yield sse(header.wrap(obj, [role_choice(i)]))
+                    yield sse(header.wrap(obj, [role_choice(i)], **usage_field))
             while not all(r.finished for r in requests):
                 c, delta, out = await events.get()
                 if out.error is not None:
@@ -205,7 +214,8 @@ class Server:
                     break
                 lp = self.logprobs(owner[c.seq_id], chat, out.new_token_ids, out.new_logprobs)
                 if delta or lp is not None or c.finish_reason is not None:
-                    yield sse(header.wrap(obj, [delta_choice(index[c.seq_id], chat, delta, lp, c.finish_reason)]))
+                    choice = delta_choice(index[c.seq_id], chat, delta, lp, c.finish_reason)
+                    yield sse(header.wrap(obj, [choice], **usage_field))
             else:
                 self.metrics.e2e.observe(time.perf_counter() - submitted_at)
             if include_usage:
@@ -259,9 +269,11 @@ async def _generate(request: Request, chat: bool) -> Response:
     body = await _parse(request, server.model_name)
     params = sampling_params(body, chat)
     prompts = _prompts(server, body, chat)
-    header = ResponseHeader.new("chatcmpl" if chat else "cmpl", server.model_name)
+    if chat and not max_tokens_given(body, chat):
+        params = dataclasses.replace(params, max_tokens=max(1, server.client.info.max_model_len - len(prompts[0][1])))
+    header = ResponseHeader.new("chatcmpl" if chat else "cmpl", server.model_name, server.fingerprint)
     submitted_at = time.perf_counter()
-    requests, events = server.submit(prompts, params)
+    requests, events = server.submit(prompts, params, chat)
     if body.get("stream"):
         body_iter = server.stream(requests, events, header, chat, stream_options(body), submitted_at)
         return StreamingResponse(body_iter, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -291,7 +303,7 @@ async def models(request: Request) -> Response:
                 {
                     "id": server.model_name,
                     "object": "model",
-                    "created": int(time.time()),
+                    "created": server.started,
                     "owned_by": "engine",
                     "max_model_len": server.client.info.max_model_len,
                 }

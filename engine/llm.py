@@ -155,8 +155,24 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         use_tqdm: bool | None = None,
         **sampling_kwargs: Any,
+    ) -> list[str]:
+        """Reply texts to one conversation or a list of them (the model's chat template applied), in order;
+        with n > 1 a conversation's n replies are consecutive. Like `generate` for prompts."""
+        outs = self.chat_outputs(
+            messages, sampling_params, chat_template_kwargs=chat_template_kwargs, use_tqdm=use_tqdm, **sampling_kwargs
+        )
+        return [c.text for o in outs for c in o.outputs]
+
+    def chat_outputs(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        use_tqdm: bool | None = None,
+        **sampling_kwargs: Any,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Like `chat`, with token ids, finish reasons, usage and logprobs per conversation."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = self._params_for(len(conversations), sampling_params, sampling_kwargs)
         encoded = [self.encode_chat(m, chat_template_kwargs) for m in conversations]

@@ -156,13 +156,28 @@ class ResponseHeader:
     id: str
     created: int
     model: str
+    system_fingerprint: str  # names the serving configuration, as OpenAI's does its backend
 
     @classmethod
-    def new(cls, prefix: str, model: str) -> ResponseHeader:
-        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model)
+    def new(cls, prefix: str, model: str, system_fingerprint: str) -> ResponseHeader:
+        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model, system_fingerprint)
 
     def wrap(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
+            "choices": choices,
+            **extra,
+        }
+
+
+def max_tokens_given(body: dict[str, Any], chat: bool) -> bool:
+    """Whether the request sets its own limit (chat without one may use the rest of the context, as OpenAI's
+    and vLLM's do; a legacy completion gets SamplingParams' 16, as OpenAI's legacy API does)."""
+    return body.get("max_tokens") is not None or (chat and body.get("max_completion_tokens") is not None)
 
 
 SSE_DONE = "data: [DONE]\n\n"

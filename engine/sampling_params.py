@@ -110,6 +110,12 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
     if bad:
         raise InvalidParameter("prompt", f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab_size})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise InvalidParameter(
+            "prompt",
+            f"the prompt is too long: {len(prompt_token_ids)} tokens, and the maximum context length is "
+            f"{max_model_len} (the prompt and at least one generated token must fit)",
+        )
     if len(prompt_token_ids) + params.max_tokens > max_model_len:
         raise InvalidParameter(
             "max_tokens",

@@ -157,7 +157,7 @@ def test_chat_template_kwargs_reach_the_template(llm):
     thinking = llm.encode_chat(msgs)
     plain = llm.encode_chat(msgs, {"enable_thinking": False})
     assert plain != thinking and "<think>" in llm.tokenizer.decode(plain)
-    (out,) = llm.chat(msgs, max_tokens=3, temperature=0, chat_template_kwargs={"enable_thinking": False})
+    (out,) = llm.chat_outputs(msgs, max_tokens=3, temperature=0, chat_template_kwargs={"enable_thinking": False})
     assert out.prompt_token_ids == plain
     with pytest.raises(ValueError, match="role"):
         llm.chat([{"role": "wizard", "content": "x"}])

@@ -63,7 +63,8 @@ def test_completions_equal_llm_generate(client, llm):
 
 def test_chat_equals_llm_chat_stream_and_not(client, llm):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-    (expected,) = llm.chat(messages, max_tokens=10, temperature=0)
+    (expected,) = llm.chat_outputs(messages, max_tokens=10, temperature=0)
+    assert llm.chat(messages, max_tokens=10, temperature=0) == [expected.outputs[0].text]
     resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
@@ -91,7 +92,9 @@ def test_chat_equals_llm_chat_stream_and_not(client, llm):
 
 def test_async_non_stream_and_chat_template_kwargs(server, llm):
     messages = [{"role": "user", "content": "Hi"}]
-    (expected,) = llm.chat(messages, max_tokens=5, temperature=0, chat_template_kwargs={"enable_thinking": False})
+    (expected,) = llm.chat_outputs(
+        messages, max_tokens=5, temperature=0, chat_template_kwargs={"enable_thinking": False}
+    )
 
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused") as aclient:
@@ -203,6 +206,58 @@ def test_completion_errors_unknown_route_and_extra_fields(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, "user": "u", "whatever": [1]})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server, client):
+    """OpenAI and vLLM do not cut chat at 16 tokens; the legacy completions API keeps 16 (as OpenAI's does)."""
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    resp = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, extra_body={"ignore_eos": True}
+    )
+    max_model_len = httpx.get(f"{server}/v1/models").json()["data"][0]["max_model_len"]
+    assert resp.usage.completion_tokens == max_model_len - resp.usage.prompt_tokens > 16
+    assert resp.choices[0].finish_reason == "length"
+    legacy = client.completions.create(model=MODEL, prompt="Once", temperature=0, extra_body={"ignore_eos": True})
+    assert legacy.usage.completion_tokens == 16
+
+
+def test_a_prompt_longer_than_the_context_is_named_as_such(server):
+    long_text = "word " * 2000  # > the tiny model's 1024 positions
+    for route, body, param in [
+        ("completions", {"prompt": long_text}, "prompt"),
+        ("chat/completions", {"messages": [{"role": "user", "content": long_text}]}, "messages"),
+    ]:
+        r = httpx.post(f"{server}/v1/{route}", json={"model": MODEL, **body})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param, r.text
+        assert "prompt is too long" in err["message"] and "maximum context length is 1024" in err["message"]
+        assert "max_tokens" not in err["message"]
+
+
+def test_chunks_carry_usage_null_and_a_stable_fingerprint(server, client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage.completion_tokens == 4
+    raw = httpx.post(
+        f"{server}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True,
+              "stream_options": {"include_usage": True}},
+    ).text  # fmt: skip
+    payloads = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert all("usage" in p for p in payloads), "every chunk names usage (null until the last) when asked for it"
+    fingerprints = {c.system_fingerprint for c in chunks} | {p["system_fingerprint"] for p in payloads}
+    plain = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert len(fingerprints | {plain.system_fingerprint}) == 1 and plain.system_fingerprint.startswith("fp_")
+    created = {httpx.get(f"{server}/v1/models").json()["data"][0]["created"] for _ in range(2)}
+    time.sleep(1.1)
+    created.add(httpx.get(f"{server}/v1/models").json()["data"][0]["created"])
+    assert len(created) == 1
 
 
 def test_client_disconnect_aborts_and_frees_kv(server):

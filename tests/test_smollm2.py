@@ -56,7 +56,9 @@ def test_logprobs_match_transformers(smollm2, hf_smollm2):
 
 
 def test_chat_template(smollm2):
-    (out,) = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0)
+    (out,) = smollm2.chat_outputs(
+        [{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0
+    )
     assert "Paris" in out.outputs[0].text
     assert out.usage.prompt_tokens > 20  # the template added its system prompt and role markers
 
