@@ -319,6 +319,7 @@ def test_startup_failures_exit_with_a_message(tiny_qwen3, tmp_path):
     proc, _ = start_server(tmp_path / "missing-model", tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "missing-model" in out and "Traceback" not in out
+    assert "model.path=" in out and "never downloads" in out
 
 
 def test_internal_error_is_a_500_with_a_message(qwen_tokenizer):

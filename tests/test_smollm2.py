@@ -65,7 +65,7 @@ def test_chat_template(smollm2):
 
 def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     """The first load dequantizes the GGUF into safetensors under ENGINE_CACHE_DIR; later loads read those
-    and get the same config and tensors as reading the GGUF itself. A changed file gets a new entry."""
+    and get the same config and tensors as reading the GGUF itself. The entry is keyed by content."""
     import os
     import shutil
 
@@ -95,5 +95,16 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
         assert torch.equal(cached[name](part), direct[name](part)), name
     assert loader.load_config(src) == cfg and weights.stat().st_mtime_ns == written  # read, not converted again
 
+    # Keyed by content: another copy of the same file (another virtual environment) shares the entry...
     os.utime(path, ns=(written, written + 10**9))
-    assert gguf_cache_dir(path, "checkpoints") != folder
+    copy = tmp_path / "venv2" / "model.gguf"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    assert gguf_cache_dir(path, "checkpoints") == gguf_cache_dir(copy, "checkpoints") == folder
+    # ... and a changed file gets its own.
+    with open(copy, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    assert gguf_cache_dir(copy, "checkpoints") != folder

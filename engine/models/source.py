@@ -77,7 +77,11 @@ def resolve_model(path: str | Path | None) -> ModelSource:
     cached = _from_hub_cache(str(path))
     if cached is not None:
         return ModelSource(cached, is_gguf=False)
-    raise FileNotFoundError(f"model path {str(path)!r} does not exist; expected {EXPECTED}")
+    raise FileNotFoundError(
+        f"model path {str(path)!r} does not exist and is not in the local Hugging Face cache; expected {EXPECTED}. "
+        "Point at one with model.path=/path/to/model (server.py) or LLM('/path/to/model'); the engine never "
+        "downloads weights."
+    )
 
 
 def _from_hub_cache(repo_id: str) -> Path | None:
@@ -97,7 +101,21 @@ def engine_cache_dir() -> Path:
 
 
 def gguf_cache_dir(gguf_file: Path, kind: str) -> Path:
-    """Where something derived from one GGUF file is kept; a changed file (size, mtime) gets a new one."""
-    stat = gguf_file.stat()
-    key = hashlib.sha1(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return engine_cache_dir() / kind / f"{gguf_file.stem}-{key}"
+    """Where something derived from one GGUF file is kept, keyed by the file's content: the same model in
+    another virtual environment (another path, another mtime) shares the entry, a changed file gets a new
+    one."""
+    return engine_cache_dir() / kind / f"{gguf_file.stem}-{content_key(gguf_file)}"
+
+
+def content_key(path: Path, head: int = 8 << 20, samples: int = 16, sample: int = 64 << 10) -> str:
+    """A hash of the file's size, its first `head` bytes (a GGUF's header: metadata, vocabulary, tensor
+    index), `samples` blocks spread over the rest, and its end. Hashing a multi-GB file whole would cost
+    seconds at every start; this reads ~9 MB."""
+    size = path.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(head))
+        for i in range(samples + 1):
+            f.seek(max(0, min(size - sample, head + (size - head) * i // samples)))
+            digest.update(f.read(sample))
+    return digest.hexdigest()[:16]
