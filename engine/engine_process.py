@@ -94,6 +94,9 @@ def engine_main(cfg: EngineConfig, inbox: mp.Queue, outbox: mp.Queue) -> None:
     from engine.llm_engine import LLMEngine  # torch: only this process needs it, not the HTTP one
 
     exit_with_parent()
+    # Same line format as the HTTP process's (Hydra's), so the engine's lines (compiling, tensor parallel)
+    # read as one log.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         engine = LLMEngine(cfg, resolve_model(cfg.model.path))
     except Exception as e:  # reported to the parent, which exits with the message

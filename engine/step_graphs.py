@@ -17,12 +17,45 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._dynamo.callback import on_compile_end, on_compile_start
 
 from engine.config import CompileConfig
 from engine.kv_cache import SCRATCH_PAGE
 from kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 
 log = logging.getLogger(__name__)
+DECODE_LABEL = "decode graph (batch {})"
+_calling = threading.local()  # which graph this thread is calling, for the compile log lines below
+
+
+@on_compile_start
+def _compile_started(args: Any) -> None:
+    name = getattr(_calling, "name", None)
+    if name is not None:
+        _calling.started = time.perf_counter()
+        log.info("compiling the %s ...", name)
+
+
+@on_compile_end
+def _compile_ended(args: Any) -> None:
+    name = getattr(_calling, "name", None)
+    if name is not None:
+        log.info("compiling the %s: done in %.1f s", name, time.perf_counter() - _calling.started)
+
+
+def _named(fn: Callable[..., torch.Tensor], label: str) -> Callable[..., torch.Tensor]:
+    """`fn`, announcing itself by `label` (formatted with the step's token count) to the compile log lines:
+    one per compilation, instead of inductor's own output."""
+
+    def call(input_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        _calling.name = label.format(input_ids.shape[0])
+        try:
+            return fn(input_ids, *args)
+        finally:
+            _calling.name = None
+
+    return call
+
 
 # (input_ids, positions, meta) -> logits of every token / (input_ids, positions, rows) -> logits of rows
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -78,12 +111,15 @@ class StepGraphs:
         # wrapped in a tensor: 61 `torch.as_tensor` calls per SmolLM2 step, ~0.5 ms of a 27 ms batch-1 step.
         # The graphs take no float that changes between calls.
         torch._dynamo.config.specialize_float = True
+        # Max-autotune prints a table of timings per GEMM shape (hundreds of lines); the log says one line per graph.
+        torch._inductor.config.autotune_num_choices_displayed = 0
         options = compile_options(self.cfg, self.device)
         decode = torch.compile(decode_fn, **options, dynamic=self.backend.supports_dynamic_shapes)
         if not self.cfg.prefill:
-            return decode, None
+            return _named(decode, DECODE_LABEL), None
         # CUDA graphs would record one graph per token count; there the prefill graph only fuses kernels.
-        return decode, torch.compile(prefill_fn, **({} if self.device.type == "cuda" else options), dynamic=True)
+        prefill = torch.compile(prefill_fn, **({} if self.device.type == "cuda" else options), dynamic=True)
+        return _named(decode, DECODE_LABEL), _named(prefill, "prefill graph ({} tokens)")
 
     def warm_up(self, decode_fn: DecodeFn, prefill_fn: PrefillFn) -> None:
         """Build the decode graphs (the smallest bucket, and the dynamic one for the others) and the prefill
