@@ -57,6 +57,7 @@ from engine.openai_protocol import (
     total_usage,
     usage_dict,
 )
+from engine.openapi import openapi_document
 from engine.outputs import StepOutput, TokenLogprob
 from engine.sampling_params import InvalidParameter, SamplingParams, check_request
 from engine.tokenizer import encode_chat, load_tokenizer
@@ -247,7 +248,7 @@ async def _parse(request: Request, model_name: str) -> dict[str, Any]:
             param="model",
             code="model_not_found",
         )
-    if not isinstance(body.get("stream", False), bool):
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
     return body
 
@@ -288,6 +289,11 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     return await _generate(request, chat=False)
+
+
+async def openapi(request: Request) -> Response:
+    server = _server(request)
+    return JSONResponse(openapi_document(server.model_name, server.client.info.vocab_size))
 
 
 async def chat_page(request: Request) -> Response:
@@ -345,6 +351,7 @@ ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]

@@ -162,7 +162,8 @@ def _apply(engine: LLMEngine, messages: list[Any]) -> list[StepOutput]:
         elif isinstance(m, AddSequence):
             try:
                 engine.add_sequence(m.seq_id, m.prompt_token_ids, m.params)
-            except ValueError as e:
+            except Exception as e:  # one bad request must not take the engine down
+                log.exception("refused sequence %s", m.seq_id)
                 outputs.append(StepOutput(m.seq_id, [], finished=True, finish_reason="error", error=str(e)))
     return outputs
 

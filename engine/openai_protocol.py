@@ -42,6 +42,8 @@ def _expect(body: dict[str, Any], name: str, types: tuple[type, ...], what: str)
     value = body.get(name)
     if value is None:
         return None
+    if int in types and isinstance(value, float) and value.is_integer():
+        return int(value)  # JSON has one number type: 4.0 is the integer 4 (as JSON Schema and pydantic say)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise APIError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name)
     return value
@@ -121,9 +123,11 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise APIError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p.get("text", "") for p in content)
+            content = "".join(p["text"] for p in content)
         elif content is None and m["role"] == "assistant":
             content = ""
         if not isinstance(content, str):
