@@ -66,7 +66,9 @@ log = logging.getLogger("server")
 WEB_DIR = Path(engine.__file__).resolve().parent / "web"  # the chat page served at /
 
 Prompt = tuple[str | None, list[int]]  # (text if the client sent text, token ids)
-Event = tuple[Completion, str, StepOutput]  # (choice, newly visible text, the engine's output)
+# (choice, newly visible text, the engine's output, whether it is the choice's last event). "Last" is fixed
+# when the event is made: by the time a stream reads it, later outputs may already have finished the choice.
+Event = tuple[Completion, str, StepOutput, bool]
 
 
 class Server:
@@ -130,7 +132,7 @@ class Server:
             self.metrics.tokens_arrived(choice.seq_id, len(out.new_token_ids), submitted_at)
             if choice.finish_reason is not None:
                 self.metrics.sequence_ended(choice.seq_id)
-            events.put_nowait((choice, delta, out))
+            events.put_nowait((choice, delta, out, choice.finish_reason is not None))
 
         requests = []
         try:
@@ -207,16 +209,20 @@ class Server:
             if chat:
                 for i in index.values():
                     yield sse(header.wrap(obj, [role_choice(i)], **usage_field))
-            while not all(r.finished for r in requests):
-                c, delta, out = await events.get()
+            # Until every choice's last event is sent: the requests may finish while events are still queued.
+            pending = set(index)
+            while pending:
+                c, delta, out, last = await events.get()
                 if out.error is not None:
                     yield sse(error_body(out.error, "server_error"))
                     self.abort(requests)
                     break
                 lp = self.logprobs(owner[c.seq_id], chat, out.new_token_ids, out.new_logprobs)
-                if delta or lp is not None or c.finish_reason is not None:
-                    choice = delta_choice(index[c.seq_id], chat, delta, lp, c.finish_reason)
-                    yield sse(header.wrap(obj, [choice], **usage_field))
+                reason = c.finish_reason if last else None
+                if delta or lp is not None or reason is not None:
+                    yield sse(header.wrap(obj, [delta_choice(index[c.seq_id], chat, delta, lp, reason)], **usage_field))
+                if last:
+                    pending.discard(c.seq_id)
             else:
                 self.metrics.e2e.observe(time.perf_counter() - submitted_at)
             if include_usage:

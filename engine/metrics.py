@@ -18,6 +18,7 @@ class Metrics:
         self.kv_used = Gauge("engine_kv_pages_used", "KV pages held by running sequences", registry=r)
         self.kv_free = Gauge("engine_kv_pages_free", "KV pages free or evictable from the prefix cache", registry=r)
         self.kv_cached = Gauge("engine_kv_pages_cached", "KV pages held by the prefix cache", registry=r)
+        self.preemptions = Gauge("engine_preemptions", "Sequences preempted (recomputed later) so far", registry=r)
         self.decode_compiled = Gauge(
             "engine_decode_compiled", "1 once decode steps run the compiled graphs", registry=r
         )
@@ -40,6 +41,7 @@ class Metrics:
         self.kv_used.set(stats["kv_pages_total"] - free)
         self.kv_cached.set(stats["kv_pages_cached"])
         self.decode_compiled.set(stats["decode_compiled"])
+        self.preemptions.set(stats["preemptions"])
 
     def request_received(self, prompt_tokens: int) -> None:
         self.requests.inc()
