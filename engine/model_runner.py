@@ -185,12 +185,13 @@ class ModelRunner:
             meta = DecodeStep(self.backend.prepare_decode(plan.batch))
             return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
         meta = self.backend.prepare(plan.batch)
-        if plan.logit_rows is None:
-            return self._logits_at_every_token(plan.input_ids, plan.batch.positions, meta)
         if plan.compiled:
             with opaque_attention_step(self.backend, meta):
                 return self.graphs.prefill(plan.input_ids, plan.batch.positions, plan.logit_rows)
-        return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)
+        with self.graphs.eager():
+            if plan.logit_rows is None:
+                return self._logits_at_every_token(plan.input_ids, plan.batch.positions, meta)
+            return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)
 
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step, which rows those are, and prompt logprobs by row."""

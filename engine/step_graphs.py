@@ -9,11 +9,12 @@ graph is usable; the runner runs eagerly until then.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +26,12 @@ from kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_att
 
 log = logging.getLogger(__name__)
 DECODE_LABEL = "decode graph (batch {})"
+# Tracing (make_fx, fx.symbolic_trace) patches torch.nn.Module.__call__ for the whole process while it runs:
+# an eager step calling a module on another thread inside that window is traced into the wrong graph and
+# fails ("module is not installed as a submodule"; the engine died this way in a 200-client soak while the
+# graphs compiled in the background). During a background warm-up, tracing holds this lock and eager
+# steps run under it; each waits at most for one trace or one step.
+_TRACING = threading.RLock()
 _calling = threading.local()  # which graph this thread is calling, for the compile log lines below
 
 
@@ -80,6 +87,7 @@ class StepGraphs:
         self.decode: DecodeFn | None = None
         self.prefill: PrefillFn | None = None
         self.ready = threading.Event()  # set once both are assigned
+        self.warming_up = False  # a background thread is compiling while steps run eagerly
         if not cfg.enabled:
             return
         # Under tensor parallelism every rank must compile in the same step (the graphs hold
@@ -87,6 +95,8 @@ class StepGraphs:
         # and capturing graphs on one thread while another runs eager steps segfaulted (H200, torch
         # 2.11), so there too the graphs are built by the first decode steps.
         if cfg.warmup == "background" and tp_size == 1 and device.type != "cuda":
+            _serialise_tracing()
+            self.warming_up = True
             threading.Thread(
                 target=self.warm_up, args=(decode_fn, prefill_fn), name="compile-warmup", daemon=True
             ).start()
@@ -149,9 +159,14 @@ class StepGraphs:
             return
         finally:
             sys.setswitchinterval(switch_interval)
+            self.warming_up = False
         self.decode, self.prefill = decode, prefill
         self.ready.set()
         log.info("step graphs compiled in %.0f s; steps now run compiled", time.perf_counter() - start)
+
+    def eager(self) -> contextlib.AbstractContextManager:
+        """Wrap an eager step: excludes tracing on the warm-up thread while one runs (see _TRACING)."""
+        return _TRACING if self.warming_up else contextlib.nullcontext()
 
     def _scratch_batch(self, rows: int, tokens: int) -> PagedBatch:
         """`rows` rows of `tokens` new tokens each that read and write only the scratch page."""
@@ -170,6 +185,22 @@ class StepGraphs:
             max_query_len=length,
             pad_index=pad_index,
         )
+
+
+def _serialise_tracing() -> None:
+    """Make every tracing window of this process hold _TRACING (once per process)."""
+    fx_trace = torch.fx._symbolic_trace
+    if getattr(fx_trace._new_patcher, "holds_engine_lock", False):
+        return
+    original = fx_trace._new_patcher
+
+    @contextlib.contextmanager
+    def patcher_under_lock() -> Iterator[Any]:
+        with _TRACING, original() as patcher:
+            yield patcher
+
+    patcher_under_lock.holds_engine_lock = True
+    fx_trace._new_patcher = patcher_under_lock
 
 
 def compile_options(cfg: CompileConfig, device: torch.device) -> dict[str, Any]:

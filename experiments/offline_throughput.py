@@ -59,10 +59,10 @@ def main(cfg: DictConfig) -> float:
         "requests": len(requests),
         "output_tokens": tokens,
         "rounds": len(rounds),
-        **{k: round(v, 2) for k, v in median.items()},
+        **{k: v for k, v in median.items()},
         # one "a;b;c" string per metric: results.csv stays one value per column
         **{f"{k}_by_round": ";".join(f"{r[k]:.2f}" for r in rounds) for k in median},
-        "load_s": round(load_s, 1),
+        "load_s": load_s,
         "preemptions": llm.engine.stats()["preemptions"],
         "loadavg_before": load_before,
     }

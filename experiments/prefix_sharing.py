@@ -46,9 +46,9 @@ def main(cfg: DictConfig) -> float:
     prompt_tokens = sum(len(p) for p, _ in requests)
     result = {
         "requests": len(requests),
-        "seconds": round(elapsed, 2),
-        "requests_per_s": round(len(requests) / elapsed, 2),
-        "total_tokens_per_s": round((prompt_tokens + tokens) / elapsed, 1),
+        "seconds": elapsed,
+        "requests_per_s": len(requests) / elapsed,
+        "total_tokens_per_s": (prompt_tokens + tokens) / elapsed,
     }
     log.info(
         "%s: %d requests in %.1f s (%.2f req/s)",

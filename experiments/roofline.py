@@ -107,11 +107,11 @@ def main(cfg: DictConfig) -> None:
         record(
             {
                 "batch": batch,
-                "step_ms": round(ms, 1),
-                "floor_ms": round(floor_ms, 1),
-                "x_floor": round(ms / floor_ms, 2),
-                "tokens_per_s": round(batch * 1000 / ms, 1),
-                "bandwidth_gbs": round(bw, 1),
+                "step_ms": ms,
+                "floor_ms": floor_ms,
+                "x_floor": ms / floor_ms,
+                "tokens_per_s": batch * 1000 / ms,
+                "bandwidth_gbs": bw,
                 "bandwidth_before_after": f"{before:.1f};{after:.1f}",
                 "loadavg": os.getloadavg()[0],
             },

@@ -129,12 +129,12 @@ async def run_load(
     bar.close()
     await client.close()
     return {
-        "seconds": round(elapsed, 2),
-        "output_tokens_per_s": round(tokens / elapsed, 1),
-        "requests_per_s": round(len(requests) / elapsed, 2),
-        **{f"ttft_{k}_ms": round(v, 1) for k, v in percentiles(ttft).items()},
-        **{f"itl_{k}_ms": round(v, 1) for k, v in percentiles(itl).items()},
-        **{f"e2e_{k}_ms": round(v, 1) for k, v in percentiles(e2e).items()},
+        "seconds": elapsed,
+        "output_tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(requests) / elapsed,
+        **{f"ttft_{k}_ms": v for k, v in percentiles(ttft).items()},
+        **{f"itl_{k}_ms": v for k, v in percentiles(itl).items()},
+        **{f"e2e_{k}_ms": v for k, v in percentiles(e2e).items()},
     }
 
 

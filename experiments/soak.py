@@ -60,8 +60,8 @@ class SoakReport:
             "disconnected": self.disconnected,
             "bad_requests": self.bad_requests,
             "failures": len(self.failures),
-            **{f"ttft_{k}_ms": round(v, 1) for k, v in percentiles(self.ttft).items() if k in ("p50", "p99")},
-            **{f"itl_{k}_ms": round(v, 2) for k, v in percentiles(self.itl).items() if k in ("p50", "p99")},
+            **{f"ttft_{k}_ms": v for k, v in percentiles(self.ttft).items() if k in ("p50", "p99")},
+            **{f"itl_{k}_ms": v for k, v in percentiles(self.itl).items() if k in ("p50", "p99")},
         }
 
 
@@ -200,7 +200,11 @@ def check_after(url: str, model: str, prompts: list[tuple[str, int]], report: So
     for index, texts in sorted(report.outputs.items()):
         prompt, max_tokens = prompts[index]
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        alone = httpx.post(f"{url}/v1/completions", json=body, timeout=300).json()["choices"][0]["text"]
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        if r.status_code != 200:
+            report.failures.append(f"prompt {index} alone answered {r.status_code}: {r.text[:200]}")
+            continue
+        alone = r.json()["choices"][0]["text"]
         if texts != {alone}:
             mismatches += 1
             report.failures.append(f"prompt {index}: streams got {sorted(texts)!r:.400}, alone it is {alone!r:.200}")
@@ -229,7 +233,7 @@ def soak(url: str, model: str, b: DictConfig) -> tuple[dict, list[str]]:
     )
     load_s = time.perf_counter() - t0
     checks = check_after(url, model, prompts, report)
-    return {"clients": b.clients, "load_s": round(load_s, 1), **report.summary(), **checks}, report.failures
+    return {"clients": b.clients, "load_s": load_s, **report.summary(), **checks}, report.failures
 
 
 @hydra.main(config_path="../configs", config_name="soak", version_base=None)

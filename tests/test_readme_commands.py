@@ -1,0 +1,186 @@
+"""Every command the README shows, run in a smoke size, so the README cannot drift from the code.
+
+Commands are read from the README itself (its bash blocks, the commands in its tables, and the Python
+example). Each runs as written, with its model swapped for the tiny test checkpoint, compilation off, the
+workload shrunk and outputs sent to a temporary folder; servers are started, asked for /health (and one
+completion) and stopped. The install commands are the exception: `.ci/run` runs the test one verbatim,
+and the server one differs from it only by what it starts, which is run here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import ROOT, free_port, wait_ready
+
+README = (ROOT / "README.md").read_text()
+pytestmark = pytest.mark.slow
+
+# Overrides that make each experiment a smoke run (applied over the command's own values).
+SMOKE = {
+    "offline_throughput.py": {"bench.num_requests": "4", "bench.input_len": "[4,8]", "bench.output_len": "[2,4]"},
+    "matmul_bound.py": {"bench.num_requests": "4", "bench.input_len": "[4,8]", "bench.output_len": "[2,4]"},
+    "prefix_sharing.py": {"bench.num_requests": "2", "bench.shared_prefix_len": "32", "bench.suffix_len": "[2,4]",
+                          "bench.output_len": "2"},
+    "serving_benchmark.py": {"bench.num_requests": "4", "bench.input_len": "[4,8]", "bench.output_len": "[2,4]"},
+    "roofline.py": {"bench.batch_sizes": "[1,2]", "bench.steps": "2", "bench.context_len": "16",
+                    "bench.bandwidth_mb": "16"},
+    "server_startup.py": {},
+    "soak.py": {"bench.clients": "4", "bench.duration_s": "2", "bench.distinct_prompts": "4"},
+}  # fmt: skip
+
+
+def shell_commands() -> list[str]:
+    """Logical lines of the README's bash blocks (continuations joined, comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def table_commands() -> list[str]:
+    return [c for c in re.findall(r"\| `([^`|]+)` \|", README) if "python " in c]
+
+
+def with_overrides(args: list[str], overrides: dict[str, str]) -> list[str]:
+    """`args` with each `key=value` of `overrides` replacing the command's own value or appended."""
+    out = [a for a in args if a.split("=", 1)[0] not in overrides]
+    return out + [f"{k}={v}" for k, v in overrides.items()]
+
+
+def split(command: str) -> tuple[dict[str, str], list[str]]:
+    """Leading VAR=value assignments (with $(mktemp -d) made a real folder) and the argv."""
+    env, args = {}, shlex.split(command)
+    while args and re.fullmatch(r"[A-Z_]+=.*", args[0]):
+        key, value = args.pop(0).split("=", 1)
+        env[key] = subprocess.check_output(["mktemp", "-d"], text=True).strip() if value == "$(mktemp" else value
+        if value == "$(mktemp":
+            args.pop(0)  # the "-d)" half of the substitution
+    return env, args
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 600) -> str:
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{shlex.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def experiment_runs(tiny: Path, tmp: Path) -> list[tuple[list[str], dict[str, str]]]:
+    runs = []
+    for command in shell_commands() + table_commands():
+        env, args = split(command)
+        if len(args) < 2 or args[0] != "python" or not args[1].startswith("experiments/"):
+            continue
+        script = Path(args[1]).name
+        overrides = {
+            "model.path": str(tiny),
+            "compile.enabled": "false",
+            "device": "cpu",
+            "hydra.run.dir": str(tmp / f"run{len(runs)}"),
+            "hydra.sweep.dir": str(tmp / f"sweep{len(runs)}"),
+            **SMOKE[script],
+        }
+        if "kv_cache.memory_mb" in command:
+            overrides["kv_cache.memory_mb"] = "64"
+        runs.append(([sys.executable, *with_overrides(args[1:], overrides)], env))
+    return runs
+
+
+def test_the_readme_lists_the_commands_this_test_knows(tiny_qwen3, tmp_path):
+    scripts = {Path(a[1]).name for a, _ in experiment_runs(tiny_qwen3, tmp_path)}
+    assert scripts == set(SMOKE), "an experiment was added to or dropped from the README: update SMOKE"
+    assert any(c.startswith("python server.py") for c in shell_commands())
+    assert any("-m pytest tests/benchmarks" in c for c in shell_commands())
+
+
+def test_experiment_commands(tiny_qwen3, tmp_path):
+    for args, env in experiment_runs(tiny_qwen3, tmp_path):
+        out = run(args, env)
+        assert "Traceback" not in out, out[-2000:]
+    pngs = list(tmp_path.rglob("*.png"))
+    assert len(pngs) >= 4, "each experiment with a plot should have drawn it"
+
+
+def test_benchmark_commands(tiny_qwen3, tmp_path):
+    env = {"ENGINE_BENCH_MODEL": str(tiny_qwen3), "ENGINE_BENCH_EAGER": "1"}
+    for command in shell_commands():
+        if "-m pytest tests/benchmarks" in command:
+            args = [sys.executable, *shlex.split(command)[1:], f"--benchmark-storage=file://{tmp_path}", "-p",
+                    "no:cacheprovider"]  # fmt: skip
+            run(args, env)
+
+
+def server_args(command: str, tiny: Path, port: int, tmp: Path) -> list[str]:
+    args = shlex.split(command.split("&&")[-1])
+    overrides = {"model.path": str(tiny), "compile.enabled": "false", "server.port": str(port),
+                 "hydra.run.dir": str(tmp)}  # fmt: skip
+    return [sys.executable, *with_overrides(args[1:], overrides)]
+
+
+def test_server_commands(tiny_qwen3, tmp_path):
+    for i, command in enumerate(c for c in shell_commands() if "python server.py" in c and "parallel." not in c):
+        port = free_port()
+        args = server_args(command, tiny_qwen3, port, tmp_path / str(i))
+        if "--cfg" in args:
+            assert "model:" in run(args, {})
+            continue
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(proc, url)
+            key = re.search(r"server\.api_key=(\S+)", command)
+            headers = {"Authorization": f"Bearer {key.group(1)}"} if key else {}
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=headers)
+            assert r.status_code == 200, (command, r.text)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "Traceback" not in out, out
+
+
+def test_multi_node_commands(tiny_qwen3, tmp_path):
+    """The two-node example, both nodes on this machine (loopback instead of 10.0.0.1)."""
+    node0, node1 = [c for c in shell_commands() if "parallel.nnodes=2" in c]
+    port, rendezvous = free_port(), str(free_port())
+    local = {"parallel.master_addr": "127.0.0.1", "parallel.master_port": rendezvous}
+    server = with_overrides(server_args(node0, tiny_qwen3, port, tmp_path / "node0"), local)
+    worker = with_overrides([sys.executable, *shlex.split(node1)[1:]], {**local, "model.path": str(tiny_qwen3)})
+    procs = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for a in (worker, server)]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(procs[1], url, timeout=300)
+        assert len(httpx.get(f"{url}/health").json()["tp_rank_pids"]) == 1  # node 0's other rank
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        procs[1].send_signal(signal.SIGTERM)
+        deadline = time.time() + 30
+        for p in procs:
+            try:
+                p.wait(max(1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [p.stdout.read()[-2000:] for p in procs]
+
+
+def test_python_example(tiny_qwen3):
+    """The Python API block, with the tiny model (LLM() would load and compile SmolLM2)."""
+    (code,) = re.findall(r"```python\nimport torch\n(.*?)```", README, re.S)
+    code = code.replace("LLM()", f"LLM({str(tiny_qwen3)!r}, enforce_eager=True)")
+    code += "\nimport asyncio\nasyncio.run(stream())\n"
+    out = run([sys.executable, "-c", "import torch\n" + code], {})
+    lines = out.splitlines()
+    assert lines[0].startswith("[") and "Usage(" in lines[1] and lines[2].startswith("["), out  # texts, usage, chat
