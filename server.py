@@ -54,6 +54,7 @@ from engine.openai_protocol import (
     sampling_params,
     sse,
     stream_options,
+    tool_calls_choice,
     total_usage,
     usage_dict,
 )
@@ -61,6 +62,7 @@ from engine.openapi import openapi_document
 from engine.outputs import StepOutput, TokenLogprob
 from engine.sampling_params import InvalidParameter, SamplingParams, check_request
 from engine.tokenizer import encode_chat, load_tokenizer
+from engine.tool_calls import ToolRequest, ToolStream, extract_calls, parse_tool_request
 
 log = logging.getLogger("server")
 WEB_DIR = Path(engine.__file__).resolve().parent / "web"  # the chat page served at /
@@ -178,15 +180,19 @@ class Server:
             return None
         return choice_logprobs(self.tokenizer, chat, token_ids, logprobs)
 
-    def response(self, requests: list[TrackedRequest], header: ResponseHeader, chat: bool) -> dict[str, Any]:
+    def response(
+        self, requests: list[TrackedRequest], header: ResponseHeader, chat: bool, tools: ToolRequest | None = None
+    ) -> dict[str, Any]:
         n = requests[0].params.n
-        choices = [
-            final_choice(
-                ri * n + c.index, chat, c.text.text, self.logprobs(r, chat, c.token_ids, c.logprobs), c.finish_reason
-            )
-            for ri, r in enumerate(requests)
-            for c in r.choices
-        ]
+        choices = []
+        for ri, r in enumerate(requests):
+            for c in r.choices:
+                text, calls, reason = c.text.text, [], c.finish_reason
+                if tools is not None:
+                    text, calls = extract_calls(text, tools)
+                    reason = "tool_calls" if calls else reason
+                lp = self.logprobs(r, chat, c.token_ids, c.logprobs)
+                choices.append(final_choice(ri * n + c.index, chat, text, lp, reason, calls))
         usage = total_usage([r.output().usage for r in requests])
         return header.wrap(object_name(chat, chunk=False), choices, usage=usage_dict(usage))
 
@@ -198,17 +204,24 @@ class Server:
         chat: bool,
         include_usage: bool,
         submitted_at: float,
+        tools: ToolRequest | None = None,
     ) -> AsyncIterator[str]:
-        """The SSE body: a role chunk per chat choice, text deltas, an optional usage chunk, [DONE]."""
+        """The SSE body: a role chunk per chat choice, text deltas (tool calls held back and sent whole at
+        the end), an optional usage chunk, [DONE]."""
         n = requests[0].params.n
         index = {c.seq_id: ri * n + c.index for ri, r in enumerate(requests) for c in r.choices}
         owner = {c.seq_id: r for r in requests for c in r.choices}
+        held = {seq_id: ToolStream(tools) for seq_id in index} if tools is not None else {}
         obj = object_name(chat, chunk=True)
         usage_field = {"usage": None} if include_usage else {}  # OpenAI's chunks carry it, null until the last
+
+        def chunk(choice: dict[str, Any]) -> str:
+            return sse(header.wrap(obj, [choice], **usage_field))
+
         try:
             if chat:
                 for i in index.values():
-                    yield sse(header.wrap(obj, [role_choice(i)], **usage_field))
+                    yield chunk(role_choice(i))
             # Until every choice's last event is sent: the requests may finish while events are still queued.
             pending = set(index)
             while pending:
@@ -217,10 +230,14 @@ class Server:
                     yield sse(error_body(out.error, "server_error"))
                     self.abort(requests)
                     break
+                i = index[c.seq_id]
                 lp = self.logprobs(owner[c.seq_id], chat, out.new_token_ids, out.new_logprobs)
                 reason = c.finish_reason if last else None
-                if delta or lp is not None or reason is not None:
-                    yield sse(header.wrap(obj, [delta_choice(index[c.seq_id], chat, delta, lp, reason)], **usage_field))
+                if c.seq_id in held:
+                    for piece in self._tool_pieces(held[c.seq_id], i, delta, lp, reason):
+                        yield chunk(piece)
+                elif delta or lp is not None or reason is not None:
+                    yield chunk(delta_choice(i, chat, delta, lp, reason))
                 if last:
                     pending.discard(c.seq_id)
             else:
@@ -230,6 +247,25 @@ class Server:
             yield SSE_DONE
         finally:
             self.abort(requests)  # no-op when all finished; frees KV when the client went away
+
+    @staticmethod
+    def _tool_pieces(
+        held: ToolStream, index: int, delta: str, logprobs: dict[str, Any] | None, reason: str | None
+    ) -> list[dict[str, Any]]:
+        """A chat choice's chunks for one event when tools may be called: content that cannot be part of a
+        call at once; at the end the rest, the calls, and the finish reason (tool_calls if there were any)."""
+        pieces = []
+        text = held.feed(delta)
+        if text or logprobs is not None:
+            pieces.append(delta_choice(index, True, text, logprobs, None))
+        if reason is not None:
+            rest, calls = held.finish()
+            if rest:
+                pieces.append(delta_choice(index, True, rest, None, None))
+            if calls:
+                pieces.append(tool_calls_choice(index, calls))
+            pieces.append(delta_choice(index, True, "", None, "tool_calls" if calls else reason))
+        return pieces
 
 
 # ------------------------------------------------------------------------------------------- routes
@@ -259,34 +295,41 @@ async def _parse(request: Request, model_name: str) -> dict[str, Any]:
     return body
 
 
-def _prompts(server: Server, body: dict[str, Any], chat: bool) -> list[Prompt]:
+def _prompts(server: Server, body: dict[str, Any], chat: bool, tools: ToolRequest | None) -> list[Prompt]:
     if not chat:
         return [(p, server.tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in completion_prompts(body)]
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
     try:
-        return [(None, encode_chat(server.tokenizer, chat_messages(body), kwargs))]
+        return [(None, encode_chat(server.tokenizer, chat_messages(body), kwargs, tools.tools if tools else None))]
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
+    except Exception as e:  # a template error on an odd conversation is the request's fault, not the server's
+        raise APIError(
+            400, f"the chat template failed on these messages: {type(e).__name__}: {e}", param="messages"
+        ) from None
 
 
 async def _generate(request: Request, chat: bool) -> Response:
     server = _server(request)
     body = await _parse(request, server.model_name)
     params = sampling_params(body, chat)
-    prompts = _prompts(server, body, chat)
+    tools = parse_tool_request(body) if chat else None
+    if tools is not None and tools.forced:  # the output is one call: constrain it to the call's schema
+        params = dataclasses.replace(params, json_schema=tools.call_schema(), regex=None, grammar=None)
+    prompts = _prompts(server, body, chat, tools)
     if chat and not max_tokens_given(body, chat):
         params = dataclasses.replace(params, max_tokens=max(1, server.client.info.max_model_len - len(prompts[0][1])))
     header = ResponseHeader.new("chatcmpl" if chat else "cmpl", server.model_name, server.fingerprint)
     submitted_at = time.perf_counter()
     requests, events = server.submit(prompts, params, chat)
     if body.get("stream"):
-        body_iter = server.stream(requests, events, header, chat, stream_options(body), submitted_at)
+        body_iter = server.stream(requests, events, header, chat, stream_options(body), submitted_at, tools)
         return StreamingResponse(body_iter, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     await server.wait_all(requests, events, request)
     server.metrics.e2e.observe(time.perf_counter() - submitted_at)
-    return JSONResponse(server.response(requests, header, chat))
+    return JSONResponse(server.response(requests, header, chat, tools))
 
 
 async def chat_completions(request: Request) -> Response:

@@ -28,6 +28,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, check_request
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
+from engine.structured import GrammarBackend
 from engine.tp_worker import start_local_ranks
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class LLMEngine:
         )
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self.grammars = GrammarBackend(source, mc.vocab_size)
+        self.awaiting_grammar: list[Sequence] = []  # constrained sequences waiting for `grammars` to be ready
 
     def _pages_for_budget(self, kv_heads: int) -> int:
         """`kv_cache.memory_mb` in pages, but no more than every running slot filled to the full context
@@ -122,35 +125,61 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
         self.seqs[seq_id] = seq
-        self.scheduler.add(seq)
+        if params.constrained:
+            self.grammars.start()  # a no-op once started; its sequences wait in `awaiting_grammar` till ready
+            self.awaiting_grammar.append(seq)
+        else:
+            self.scheduler.add(seq)
 
     def abort_sequence(self, seq_id: str, reason: str = "abort") -> None:
         """Stop a request wherever it is; its pages go back at once. Unknown or finished ids are ignored."""
         seq = self.seqs.pop(seq_id, None)
-        if seq is not None and not seq.is_finished:
+        if seq in self.awaiting_grammar:
+            self.awaiting_grammar.remove(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, reason
+        elif seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.awaiting_grammar)
+
+    def _admit_constrained(self) -> list[StepOutput]:
+        """Give the sequences that waited for the grammar tokenizer their matchers and hand them to the
+        scheduler (or fail them if it could not be built)."""
+        if not self.awaiting_grammar or not self.grammars.ready.is_set():
+            return []
+        failed = []
+        for seq in self.awaiting_grammar:
+            try:
+                if self.grammars.failed:
+                    raise ValueError(self.grammars.failed)
+                seq.matcher = self.grammars.matcher(seq.params)
+                self.scheduler.add(seq)
+            except ValueError as e:
+                del self.seqs[seq.seq_id]
+                seq.status, seq.finish_reason = Status.FINISHED, "error"
+                failed.append(StepOutput(seq.seq_id, [], finished=True, finish_reason="error", error=str(e)))
+        self.awaiting_grammar.clear()
+        return failed
 
     # -- stepping ------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
         if self.workers:
             self.check_health()
+        outputs = self._admit_constrained()
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return outputs
         logits, rows, prompt_logprobs = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         for row, entries in prompt_logprobs.items():
             batch.seqs[row].prompt_logprobs.extend(entries)
 
-        outputs: list[StepOutput] = []
         if rows:
             sampled = [batch.seqs[r] for r in rows]
-            tokens, logprobs = self.sampler(logits, sampled)
+            tokens, logprobs = self.sampler(self._constrain(logits, sampled), sampled, raw=logits)
             for seq, token, lp in zip(sampled, tokens, logprobs):
                 outputs.append(self._append(seq, token, lp))
         if not batch.is_decode_only:
@@ -159,9 +188,21 @@ class LLMEngine:
                     self.kv.cache_computed(seq)  # share finished prefill pages with later arrivals now
         return outputs
 
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits to sample from: constrained rows masked to what their grammar allows next (a copy,
+        so reported logprobs stay the model's own)."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return logits
+        masked = logits.clone()
+        self.grammars.mask(masked, rows, [seqs[i].matcher for i in rows])
+        return masked
+
     def _append(self, seq: Sequence, token: int, logprob: Any) -> StepOutput:
         first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         reason = self._finish_reason(seq, token)
@@ -183,6 +224,8 @@ class LLMEngine:
         p = seq.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped():
+            return "stop"  # the constraint is complete (the JSON value closed, the regex matched in full)
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

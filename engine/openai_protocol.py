@@ -99,10 +99,47 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
             if not 0 <= k <= 5:
                 raise APIError(400, f"'logprobs' must be in [0, 5], got {k}", param="logprobs")
             kwargs["logprobs"], kwargs["top_logprobs"] = True, k
+    kwargs.update(constraint(body))
     try:
         return SamplingParams(**kwargs)
     except InvalidParameter as e:
-        raise APIError(400, str(e), param=e.param) from None
+        param = "response_format" if e.param == "json_schema" and "response_format" in body else e.param
+        raise APIError(400, str(e), param=param) from None
+
+
+# vLLM's names for constraints outside response_format
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar"}
+
+
+def constraint(body: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams' constraint from OpenAI's `response_format` (or vLLM's guided_json/regex/grammar)."""
+    out = {field: body[name] for name, field in _GUIDED.items() if body.get(name) is not None}
+    fmt = body.get("response_format")
+    if fmt is None:
+        return out
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise APIError(400, "'response_format' must be an object with a 'type'", param="response_format")
+    if fmt["type"] == "text":
+        return out
+    if fmt["type"] == "json_object":
+        return {**out, "json_schema": {"type": "object"}}
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise APIError(
+                400, "'response_format.json_schema' must be an object with a 'name'", param="response_format"
+            )
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise APIError(
+                400, "'response_format.json_schema.schema' must be a JSON schema object", param="response_format"
+            )
+        return {**out, "json_schema": schema}
+    raise APIError(
+        400,
+        f"unknown response_format.type {fmt['type']!r}: expected text, json_object or json_schema",
+        param="response_format",
+    )
 
 
 def stream_options(body: dict[str, Any]) -> bool:
@@ -212,11 +249,26 @@ def delta_choice(
 
 
 def final_choice(
-    index: int, chat: bool, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None
+    index: int,
+    chat: bool,
+    text: str | None,
+    logprobs: dict[str, Any] | None,
+    finish_reason: str | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole choice of a non-streamed response."""
-    body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-    return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+    """A whole choice of a non-streamed response (with tool calls: content may be None)."""
+    if not chat:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_calls_choice(index: int, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed delta carrying whole tool calls (each with its position in the message)."""
+    calls = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+    return {"index": index, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
 
 
 def choice_logprobs(

@@ -27,10 +27,13 @@ class Sampler:
         # Unseeded requests draw from one engine-wide stream, so a run is reproducible from cfg.seed.
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor | None = None
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Next tokens from `logits`; reported logprobs come from `raw` (the model's own, default `logits`)."""
         device = logits.device
         params = [s.params for s in seqs]
-        raw = logits
+        raw = logits if raw is None else raw
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
             logits = self._penalise(logits, seqs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 
 MAX_TOP_LOGPROBS = 20
@@ -36,6 +37,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # scheduler=priority admits lower values first (vLLM's convention)
+    # Constrained decoding (at most one): the output is a JSON value valid for this JSON schema (a dict or
+    # its JSON text; {"type": "object"} for any object), a full match of this regex, or a sentence of this
+    # grammar (llguidance's Lark syntax). Generation stops with "stop" once the constraint is complete.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +98,35 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
         ):
             raise bad("seed", "must be None or a 64-bit integer")
+
+        self._validate_constraint()
+
+    def _validate_constraint(self) -> None:
+        given = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidParameter(given[1], f"invalid {given[1]}: only one of json_schema, regex, grammar may be set")
+        if not given:
+            return
+        from engine.structured import grammar_error, grammar_of
+
+        name = given[0]
+        value = getattr(self, name)
+        if name == "json_schema" and isinstance(value, str):
+            try:
+                self.json_schema = value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidParameter(name, f"invalid json_schema: not JSON ({e})") from None
+        if not isinstance(value, dict if name == "json_schema" else str):
+            raise InvalidParameter(
+                name, f"invalid {name}: expected {'a JSON object' if name == 'json_schema' else 'a string'}"
+            )
+        error = grammar_error(grammar_of(self))
+        if error is not None:
+            raise InvalidParameter(name, f"invalid {name}: {error}")
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
     @property
     def greedy(self) -> bool:

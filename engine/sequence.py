@@ -34,6 +34,7 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    matcher: Any = None  # llguidance matcher of a constrained sequence (structured.py)
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
 

@@ -6,6 +6,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from engine.models.source import ModelSource, gguf_cache_dir
+from engine.tool_calls import messages_as_text, template_knows_tools
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,7 +31,9 @@ def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
+    """The conversation (and the tools the model may call) through the model's chat template."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("invalid messages: expected a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
@@ -40,9 +43,14 @@ def encode_chat(
             raise ValueError(f"invalid messages[{i}].role={m['role']!r}")
     if tokenizer.chat_template is None:
         raise ValueError("this model's tokenizer has no chat template; use generate() with a raw prompt")
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
-    )
+    kwargs = dict(chat_template_kwargs or {})
+    has_tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    if template_knows_tools(tokenizer.chat_template):
+        if tools:
+            kwargs["tools"] = tools
+    elif tools or has_tool_turns:
+        messages = messages_as_text(messages, tools)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     # The template already wrote any BOS it wants.
     return tokenizer.encode(text, add_special_tokens=False)
 
