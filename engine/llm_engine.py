@@ -189,12 +189,12 @@ class LLMEngine:
         return outputs
 
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """The logits to sample from: constrained rows masked to what their grammar allows next (a copy,
-        so reported logprobs stay the model's own)."""
+        """The logits to sample from: constrained rows masked to what their grammar allows next (in a copy
+        when logprobs are reported, so they stay the model's own)."""
         rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if not rows:
             return logits
-        masked = logits.clone()
+        masked = logits.clone() if any(s.params.logprobs for s in seqs) else logits
         self.grammars.mask(masked, rows, [seqs[i].matcher for i in rows])
         return masked
 

@@ -112,10 +112,11 @@ def record(result: dict[str, Any], cfg: DictConfig) -> Path:
 
 
 def _labels(rows: list[dict[str, Any]]) -> list[str]:
-    """Per row, the overrides that differ between the rows (what the sweep varied)."""
+    """Per row, its own label if the experiment gave one, and the overrides that differ between the rows
+    (what the sweep varied)."""
     parts = [set(r.get("overrides", "").split()) for r in rows]
     common = set.intersection(*parts) if parts else set()
-    return [" ".join(sorted(p - common)) or "default" for p in parts]
+    return [" ".join([r.get("label", ""), *sorted(p - common)]).strip() or "default" for r, p in zip(rows, parts)]
 
 
 def plot(out: Path, metric: str, title: str) -> Path:

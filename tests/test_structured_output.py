@@ -226,7 +226,7 @@ def test_bad_structured_requests_are_400_naming_the_parameter(client, server, ex
 
 
 # Nested objects, arrays with min/max items, enums, bounded numbers, required and optional fields, patterns.
-SCHEMAS = json.loads((Path(__file__).parent / "structured_schemas.json").read_text())
+SCHEMAS = json.loads((Path(__file__).parent.parent / "experiments" / "schemas.json").read_text())
 
 
 @pytest.mark.slow
