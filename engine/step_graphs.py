@@ -123,6 +123,7 @@ class StepGraphs:
         torch._dynamo.config.specialize_float = True
         # Max-autotune prints a table of timings per GEMM shape (hundreds of lines); the log says one line per graph.
         torch._inductor.config.autotune_num_choices_displayed = 0
+        torch._inductor.config.max_autotune_report_choices_stats = False  # two stderr lines per GEMM shape
         options = compile_options(self.cfg, self.device)
         decode = torch.compile(decode_fn, **options, dynamic=self.backend.supports_dynamic_shapes)
         if not self.cfg.prefill:
