@@ -8,9 +8,12 @@ only allowed where the grammar accepts. Masking happens on the logits after the 
 step, so constrained and free rows share every batch, and a preempted sequence keeps its matcher: its
 tokens are recomputed, never re-sampled.
 
-llguidance, not xgrammar or outlines-core: it compiles nothing ahead (grammars are parsed lazily, 0.4 ms
-for a schema here), computes a mask in tens of microseconds, and needs neither torch nor triton
-(`experiments/grammar_backends.py` measures both on this machine; README).
+llguidance rather than xgrammar (both measured by `experiments/grammar_backends.py` on SmolLM2's tokenizer,
+22 schemas): llguidance builds a matcher in 0.7 ms where xgrammar compiles a schema in 5 ms, and it has no
+dependencies (xgrammar needs torch, triton and tvm-ffi); xgrammar fills masks faster (32 rows: 0.035 vs
+0.11 ms median, 0.39 vs 17 ms p99, llguidance's tail being a request's first masks). Against 40-200 ms
+decode steps here both medians vanish: half of a batch of 32 constrained cost +2.1% step time
+(`experiments/structured_overhead.py`).
 """
 
 from __future__ import annotations
