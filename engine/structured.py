@@ -77,6 +77,7 @@ class GrammarBackend:
         self.failed: str | None = None
         self._tokenizer: Any = None
         self._started = False
+        self._built: dict[str, Any] = {}  # grammar -> an unused matcher for it (LRU)
 
     def start(self) -> None:
         if not self._started:
@@ -96,12 +97,20 @@ class GrammarBackend:
         self.ready.set()
 
     def matcher(self, params: SamplingParams) -> Any:
+        """A fresh matcher for the request's constraint: a copy of the one built for the same grammar before
+        (building takes 0.4-0.7 ms for the test schemas here, a copy ~0.01 ms)."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar_of(params))
-        if matcher.is_error():
-            raise ValueError(f"invalid constraint: {matcher.get_error()}")
-        return matcher
+        grammar = grammar_of(params)
+        pristine = self._built.pop(grammar, None)
+        if pristine is None:
+            pristine = llguidance.LLMatcher(self._tokenizer, grammar)
+            if pristine.is_error():
+                raise ValueError(f"invalid constraint: {pristine.get_error()}")
+        self._built[grammar] = pristine  # most recently used last
+        if len(self._built) > 256:
+            del self._built[next(iter(self._built))]
+        return pristine.deep_copy()
 
     def mask(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> None:
         """Set the logits of every token a row's matcher does not allow next to -inf (in place)."""

@@ -232,6 +232,26 @@ SCHEMAS = json.loads((Path(__file__).parent.parent / "experiments" / "schemas.js
 
 
 @pytest.mark.slow
+def test_smollm2_calls_a_tool_through_the_sdk(tmp_path):
+    proc, url = start_server(None, tmp_path)  # the embedded SmolLM2
+    try:
+        wait_ready(proc, url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        messages = [{"role": "user", "content": "What is the weather in Paris, in Celsius?"}]
+        r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=60, temperature=0)  # fmt: skip
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        stream = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=60,
+                                                tool_choice="required", temperature=0, stream=True)  # fmt: skip
+        deltas = [d for c in stream for d in (c.choices[0].delta.tool_calls or [])]
+        assert [d.function.arguments for d in deltas] == [call.function.arguments]  # greedy: the same call
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_smollm2_answers_validate_against_every_schema(temperature):
     llm = LLM(dtype=torch.float32, enforce_eager=True, progress_bar=False)  # the embedded SmolLM2
