@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from serving_benchmark import percentiles, start_server  # noqa: E402
-from workloads import record, resolve_bench_model  # noqa: E402
+from workloads import record, resolve_bench_model, word_prompt  # noqa: E402
 
 log = logging.getLogger("soak")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
@@ -68,29 +68,7 @@ class SoakReport:
 def prompt_pool(count: int, input_len: list[int], output_len: list[int], seed: int) -> list[tuple[str, int]]:
     """Distinct prompts (plain words, so any tokenizer handles them) with their output lengths."""
     rng = random.Random(seed)
-    words = [
-        "the",
-        "of",
-        "sea",
-        "ship",
-        "wind",
-        "star",
-        "map",
-        "gold",
-        "river",
-        "stone",
-        "light",
-        "city",
-        "song",
-        "road",
-        "king",
-        "cat",
-        "fire",
-    ]
-    return [
-        (" ".join(rng.choice(words) for _ in range(rng.randint(*input_len))), rng.randint(*output_len))
-        for _ in range(count)
-    ]
+    return [(word_prompt(rng, rng.randint(*input_len)), rng.randint(*output_len)) for _ in range(count)]
 
 
 async def _stream(

@@ -22,7 +22,7 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import plot, record, resolve_bench_model  # noqa: E402
+from workloads import plot, record, resolve_bench_model, word_prompt  # noqa: E402
 
 log = logging.getLogger("structured_overhead")
 # A string that cannot close within the timed steps: the constrained rows stay constrained throughout.
@@ -60,23 +60,7 @@ def main(cfg: DictConfig) -> None:
     b = cfg.bench
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))
     rng = random.Random(b.seed)
-    words = [
-        "the",
-        "sea",
-        "ship",
-        "wind",
-        "star",
-        "map",
-        "gold",
-        "river",
-        "stone",
-        "light",
-        "city",
-        "song",
-        "road",
-        "king",
-    ]
-    prompts = [llm.encode(" ".join(rng.choice(words) for _ in range(b.prompt_len))) for _ in range(b.batch)]
+    prompts = [llm.encode(word_prompt(rng, b.prompt_len)) for _ in range(b.batch)]
     decode_step_ms(llm, prompts, b.batch // 2, 4)  # warm-up: compiles the graphs, builds the grammar tokenizer
     rounds = []
     for i in range(b.rounds):

@@ -68,6 +68,14 @@ def random_requests(
     ]
 
 
+# Plain words for prompts any tokenizer handles (the soak and the structured-decoding benchmark).
+WORDS = "the of sea ship wind star map gold river stone light city song road king cat fire".split()  # noqa: SIM905
+
+
+def word_prompt(rng: random.Random, length: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(length))
+
+
 def results_dir() -> Path:
     """The sweep directory in a multirun (all jobs append there), else the run directory."""
     hc = HydraConfig.get()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -43,6 +45,17 @@ def start_server(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session
     )
     return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path | None, tmp: Path, *extra: str) -> Iterator[str]:
+    """A healthy server for the block (its URL), stopped afterwards."""
+    proc, url = start_server(model_dir, tmp, *extra)
+    try:
+        wait_ready(proc, url)
+        yield url
+    finally:
+        stop(proc)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180) -> None:

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from live_server import MODEL, metric, start_server, stop, wait_idle, wait_ready
+from live_server import MODEL, metric, running_server, wait_idle
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -29,12 +29,8 @@ def browser() -> Browser:
 
 @pytest.fixture(scope="module")
 def smollm2_server(tmp_path_factory):
-    proc, url = start_server(None, tmp_path_factory.mktemp("chat-page"))  # the embedded SmolLM2
-    try:
-        wait_ready(proc, url)
+    with running_server(None, tmp_path_factory.mktemp("chat-page")) as url:  # the embedded SmolLM2
         yield url
-    finally:
-        stop(proc)
 
 
 def open_page(browser: Browser, url: str, **context) -> Page:
@@ -148,9 +144,7 @@ def test_model_output_is_rendered_as_text_never_html(browser, smollm2_server):
 
 
 def test_errors_and_the_api_key_prompt_are_shown(browser, tiny_qwen3, tmp_path):
-    proc, url = start_server(tiny_qwen3, tmp_path, "server.api_key=sesame")
-    try:
-        wait_ready(proc, url)
+    with running_server(tiny_qwen3, tmp_path, "server.api_key=sesame") as url:
         page = open_page(browser, url)
         expect(page.locator(".msg.error")).to_contain_text("needs an API key")
         expect(page.locator("#key-row")).to_be_visible()
@@ -167,5 +161,3 @@ def test_errors_and_the_api_key_prompt_are_shown(browser, tiny_qwen3, tmp_path):
         set_field(page, "#max-tokens", "4")
         ask(page, "Hi")
         expect(page.locator(".msg.assistant .stats")).to_contain_text("4 completion tokens", timeout=60_000)
-    finally:
-        stop(proc)

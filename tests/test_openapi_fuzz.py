@@ -12,7 +12,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from live_server import MODEL, start_server, stop, wait_idle, wait_ready
+from live_server import MODEL, running_server, wait_idle
 
 from engine.openapi import openapi_document
 
@@ -24,12 +24,8 @@ ANSWERS: Counter[tuple[str, int]] = Counter()  # (path, status) of every fuzzed 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_qwen3, tmp_path_factory):
     # A short context keeps every valid request's generation short (the fuzzer picks max_tokens freely).
-    proc, url = start_server(tiny_qwen3, tmp_path_factory.mktemp("fuzz"), "model.max_model_len=64")
-    try:
-        wait_ready(proc, url)
+    with running_server(tiny_qwen3, tmp_path_factory.mktemp("fuzz"), "model.max_model_len=64") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 def test_the_served_document_is_the_contract(fuzz_server):

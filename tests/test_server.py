@@ -17,19 +17,15 @@ import openai
 import pytest
 import torch
 from conftest import PROMPTS
-from live_server import MODEL, ROOT, metric, start_server, stop, wait_idle, wait_ready
+from live_server import MODEL, ROOT, metric, running_server, start_server, stop, wait_idle, wait_ready
 
 from engine import LLM
 
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tmp_path_factory):
-    proc, url = start_server(tiny_qwen3, tmp_path_factory.mktemp("server"))
-    try:
-        wait_ready(proc, url)
+    with running_server(tiny_qwen3, tmp_path_factory.mktemp("server")) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

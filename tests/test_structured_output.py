@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from conftest import PROMPTS
-from live_server import MODEL, start_server, stop, wait_idle, wait_ready
+from live_server import MODEL, running_server, wait_idle
 from pydantic import BaseModel, Field
 
 from engine import LLM, SamplingParams
@@ -133,12 +133,8 @@ def test_tool_call_parsing_and_streaming_hold_back():
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tmp_path_factory):
-    proc, url = start_server(tiny_qwen3, tmp_path_factory.mktemp("structured"))
-    try:
-        wait_ready(proc, url)
+    with running_server(tiny_qwen3, tmp_path_factory.mktemp("structured")) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +229,7 @@ SCHEMAS = json.loads((Path(__file__).parent.parent / "experiments" / "schemas.js
 
 @pytest.mark.slow
 def test_smollm2_calls_a_tool_through_the_sdk(tmp_path):
-    proc, url = start_server(None, tmp_path)  # the embedded SmolLM2
-    try:
-        wait_ready(proc, url)
+    with running_server(None, tmp_path) as url:  # the embedded SmolLM2
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         messages = [{"role": "user", "content": "What is the weather in Paris, in Celsius?"}]
         r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
@@ -247,8 +241,6 @@ def test_smollm2_calls_a_tool_through_the_sdk(tmp_path):
                                                 tool_choice="required", temperature=0, stream=True)  # fmt: skip
         deltas = [d for c in stream for d in (c.choices[0].delta.tool_calls or [])]
         assert [d.function.arguments for d in deltas] == [call.function.arguments]  # greedy: the same call
-    finally:
-        stop(proc)
 
 
 @pytest.mark.slow
