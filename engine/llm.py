@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -23,6 +24,19 @@ from engine.tokenizer import encode_chat, load_tokenizer
 Prompt = str | list[int]
 
 
+def announce_compilation() -> None:
+    """Show the engine's one line per compiled graph on stderr when the application has not set up logging
+    itself: the first `generate` otherwise sits silent while the graphs compile (SmolLM2: ~100 s here)."""
+    graphs = logging.getLogger("engine.step_graphs")
+    if logging.getLogger().handlers or graphs.handlers:
+        return  # the application's logging (a Hydra app, the server) shows them already
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[engine] %(message)s"))
+    graphs.addHandler(handler)
+    graphs.setLevel(logging.INFO)
+    graphs.propagate = False
+
+
 class LLM:
     """`LLM(model_path=None, dtype="auto", **overrides)`; no path means the embedded SmolLM2.
 
@@ -40,6 +54,8 @@ class LLM:
         **overrides: Any,
     ) -> None:
         self.config = config if config is not None else compose_config(model_path, dtype, **overrides)
+        if self.config.progress_bar and self.config.compile.enabled:
+            announce_compilation()
         source = resolve_model(self.config.model.path)
         self.tokenizer = load_tokenizer(source)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []

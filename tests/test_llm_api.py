@@ -181,3 +181,18 @@ def test_async_stream_matches_generate_and_aborts(llm):
     assert ["".join(p) for p in pieces] == expected
     assert any(len(p) > 1 for p in pieces), "text should arrive in several pieces"
     assert_pool_full(llm)
+
+
+@pytest.mark.slow
+def test_a_script_sees_each_graph_compile(tiny_qwen3):
+    """A script that sets up no logging still learns why its first generate takes long (one line per graph)."""
+    import subprocess
+    import sys
+
+    code = f"from engine import LLM\nprint(LLM({str(tiny_qwen3)!r}, dtype='float32').generate(['Hello there, how are you today?'], max_tokens=3))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("[engine] compiling")]
+    assert any("prefill graph" in line and "done in" in line for line in lines), out.stderr[-2000:]
+    assert any("decode graph (batch 1)" in line and "done in" in line for line in lines), out.stderr[-2000:]
+    assert "Autotune" not in out.stderr  # inductor's own tables stay off
