@@ -189,7 +189,9 @@ def test_a_script_sees_each_graph_compile(tiny_qwen3):
     import subprocess
     import sys
 
-    code = f"from engine import LLM\nprint(LLM({str(tiny_qwen3)!r}, dtype='float32').generate(['Hello there, how are you today?'], max_tokens=3))"
+    prompt = "Hello there, how are you today?"  # several tokens: the prefill graph runs too
+    llm = f"LLM({str(tiny_qwen3)!r}, dtype='float32')"
+    code = f"from engine import LLM\nprint({llm}.generate([{prompt!r}], max_tokens=3))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.startswith("[engine] compiling")]
