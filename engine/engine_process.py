@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -105,6 +106,13 @@ def engine_main(cfg: EngineConfig, inbox: mp.Queue, outbox: mp.Queue) -> None:
     if _handshake(engine, inbox, outbox):
         _serve(engine, inbox, outbox)
     engine.shutdown()
+    # A background compilation may still be running inside inductor's C++: interpreter finalisation then
+    # aborts the process ("terminate called without an active exception", seen on a SIGTERM mid-compile).
+    # Nothing is left to clean up, so leave without it.
+    outbox.cancel_join_thread()  # what is still queued for a parent that is shutting down does not matter
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _handshake(engine: LLMEngine, inbox: mp.Queue, outbox: mp.Queue) -> bool:
