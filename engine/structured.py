@@ -19,7 +19,6 @@ decode steps here both medians vanish: half of a batch of 32 constrained cost +2
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -57,10 +56,6 @@ def grammar_error(grammar: str) -> str | None:
 
     error = llguidance.LLMatcher.validate_grammar(grammar)
     return error or None
-
-
-def schema_text(schema: Any) -> str:
-    return schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
 
 
 class GrammarBackend:

@@ -118,7 +118,6 @@ def matmul_seconds(
 
 @hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
 def main(cfg: DictConfig) -> float:
-
     resolve_bench_model(cfg)
     b = cfg.bench
     dtype = EngineConfig.from_dictconfig(cfg).torch_dtype

@@ -30,7 +30,6 @@ def background_load() -> float:
 
 @hydra.main(config_path="../configs", config_name="offline_throughput", version_base=None)
 def main(cfg: DictConfig) -> float:
-
     resolve_bench_model(cfg)
     b = cfg.bench
     if b.rounds < 1:

@@ -25,7 +25,6 @@ log = logging.getLogger("prefix_sharing")
 
 @hydra.main(config_path="../configs", config_name="prefix_sharing", version_base=None)
 def main(cfg: DictConfig) -> float:
-
     resolve_bench_model(cfg)
     b = cfg.bench
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))

@@ -45,7 +45,6 @@ def read_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
 
 
 def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
-
     eng = llm.engine
     # Prefill is chunked by the token budget: the first rows decode while later ones still prefill, so
     # they must run long enough for `steps` steps with every row decoding.
@@ -78,7 +77,6 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
 
 @hydra.main(config_path="../configs", config_name="roofline", version_base=None)
 def main(cfg: DictConfig) -> None:
-
     resolve_bench_model(cfg)
     b = cfg.bench
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))

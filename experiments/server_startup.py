@@ -25,7 +25,6 @@ log = logging.getLogger("startup")
 
 
 def gauge(url: str, name: str) -> float:
-
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -34,7 +33,6 @@ def gauge(url: str, name: str) -> float:
 
 @hydra.main(config_path="../configs", config_name="serving", version_base=None)
 def main(cfg: DictConfig) -> float:
-
     resolve_bench_model(cfg)
     t0 = time.perf_counter()
     proc, url = start_server(cfg, warmup=None)

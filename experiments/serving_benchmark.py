@@ -140,7 +140,6 @@ async def run_load(
 
 @hydra.main(config_path="../configs", config_name="serving", version_base=None)
 def main(cfg: DictConfig) -> float:
-
     resolve_bench_model(cfg)
     b = cfg.bench
     vocab = load_config(resolve_model(cfg.model.path)).vocab_size

@@ -198,7 +198,6 @@ def offline_workload(cfg: DictConfig) -> tuple[Any, list[tuple[list[int], int]],
 
 
 def engine_generate(llm, requests: list[tuple[list[int], int]], use_tqdm: bool = False) -> int:
-
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
     outs = llm.generate_outputs([p for p, _ in requests], params, use_tqdm=use_tqdm)
     return sum(len(o.outputs[0].token_ids) for o in outs)
