@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "attention", "cache", "scheduler")
+GROUPS = ("model", "attention", "cache", "scheduler", "quant")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "int8", "int4", "auto")
 # Short keyword names for the settings people change most (vLLM's names where it has one).
 ALIASES = {
     "page_size": "kv_cache.page_size",
@@ -196,6 +197,16 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    # none | int8 | int4 | auto (keep a GGUF file's precision class); engine/quantization.py says what
+    # each GGUF type becomes.
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.mode in QUANT_MODES, "quant.mode", self.mode, f"expected one of {list(QUANT_MODES)}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -218,6 +229,7 @@ class EngineConfig:
     compile: CompileConfig = CompileConfig()
     parallel: ParallelConfig = ParallelConfig()
     server: ServerConfig = ServerConfig()
+    quant: QuantConfig = QuantConfig()
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; `torch_dtype` resolves it
     device: str = "cpu"
     seed: int = 0
@@ -229,6 +241,18 @@ class EngineConfig:
         )
         _require(self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device, "expected cpu or cuda")
         _require(_is_int(self.seed), "seed", self.seed, "must be an integer")
+        _require(
+            self.parallel.tp == 1 or self.quant.mode in ("none", "auto"),
+            "quant.mode",
+            self.quant.mode,
+            f"quantized layers are not sharded: with parallel.tp={self.parallel.tp} use quant=none "
+            "(or auto, which loads float weights there)",
+        )
+
+    @property
+    def quant_mode(self) -> str:
+        """The mode in effect: `auto` loads float weights under tensor parallelism."""
+        return "none" if self.parallel.tp > 1 else self.quant.mode
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -259,6 +283,7 @@ class EngineConfig:
             compile=CompileConfig(**raw["compile"]),
             parallel=ParallelConfig(**raw["parallel"]),
             server=ServerConfig(**raw["server"]),
+            quant=QuantConfig(**raw["quant"]),
             **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar")},
         )
 

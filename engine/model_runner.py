@@ -82,6 +82,7 @@ class ModelRunner:
             device,
             self.tp.size,
             prefill_tokens,
+            float_gemms=any(isinstance(m, torch.nn.Linear) for m in model.modules()),
         )
 
     @property
@@ -231,5 +232,5 @@ def build_runner(
     page_size, dtype, device = cfg.kv_cache.page_size, cfg.torch_dtype, torch.device(cfg.device)
     pool = KVPool(mc.num_layers, kv_heads_per_rank(mc, tp), mc.head_dim, num_pages, page_size, dtype, device)
     backend = cfg.attention.build(k_cache=pool.k, v_cache=pool.v, page_size=page_size)
-    model = build_model(source, mc, backend, dtype, device, tp)
+    model = build_model(source, mc, backend, dtype, device, tp, cfg.quant_mode)
     return ModelRunner(model, backend, page_size, device, cfg.compile, cfg.scheduler.max_num_batched_tokens), pool

@@ -84,7 +84,7 @@ def results_dir() -> Path:
 
 def choices() -> dict[str, str]:
     hc = HydraConfig.get()
-    return {k: v for k, v in hc.runtime.choices.items() if k in ("model", "attention", "cache", "scheduler")}
+    return {k: v for k, v in hc.runtime.choices.items() if k in ("model", "attention", "cache", "scheduler", "quant")}
 
 
 def significant(value: Any, digits: int = 4) -> Any:

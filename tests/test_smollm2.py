@@ -23,7 +23,8 @@ def hf_smollm2():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return LLM(dtype=torch.float32, progress_bar=False)  # no path: the embedded model, compiled decode
+    # No path: the embedded model, compiled decode; dequantized (quant=none), as transformers loads it.
+    return LLM(dtype=torch.float32, quant="none", progress_bar=False)
 
 
 def test_default_model_is_embedded_smollm2(smollm2):
@@ -64,8 +65,9 @@ def test_chat_template(smollm2):
 
 
 def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
-    """The first load dequantizes the GGUF into safetensors under ENGINE_CACHE_DIR; later loads read those
-    and get the same config and tensors as reading the GGUF itself. The entry is keyed by content."""
+    """The first float load (quant=none) dequantizes the GGUF into safetensors under ENGINE_CACHE_DIR;
+    later loads read those and get the same config and tensors as reading the GGUF itself. The entries
+    are keyed by content."""
     import os
     import shutil
 
@@ -77,12 +79,14 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     shutil.copy(embedded_model_path(), path)
     src = ModelSource(path, is_gguf=True)
     cfg = loader.load_config(src)
+    assert cfg == loader._gguf_config(path) and (gguf_cache_dir(path, "configs") / "config.json").is_file()
     folder = gguf_cache_dir(path, "checkpoints")
     weights = folder / loader.CONVERTED_WEIGHTS
-    assert weights.is_file() and cfg == loader._gguf_config(path)
+    assert not weights.exists()  # reading the config converts nothing
+    cached = dict(loader.iter_checkpoint(src, cfg))
+    assert weights.is_file()
     written = weights.stat().st_mtime_ns
 
-    cached = dict(loader.iter_checkpoint(src, cfg))
     direct = dict(loader._iter_gguf(path, cfg))
     assert cached.keys() == direct.keys()
     for name in (
@@ -93,6 +97,7 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     ):
         part = (slice(64, 192),)  # whole heads' rows, as a tensor-parallel rank reads them
         assert torch.equal(cached[name](part), direct[name](part)), name
+    dict(loader.iter_checkpoint(src, cfg))
     assert loader.load_config(src) == cfg and weights.stat().st_mtime_ns == written  # read, not converted again
 
     # Keyed by content: another copy of the same file (another virtual environment) shares the entry...

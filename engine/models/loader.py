@@ -1,54 +1,72 @@
 """Load a checkpoint found by `engine.models.source`: its config, then its weights.
 
 Every source is turned into a stream of (Hugging Face parameter name, tensor) pairs; one mapping then
-places those into the fused parameters of `CausalLM`. A GGUF file is converted once into safetensors.
+places those into the fused parameters of `CausalLM`, tensor by tensor. Layers planned quantized
+(engine/quantization.py) quantize each tensor as it arrives, or take a GGUF's 4-bit blocks as they are,
+so no whole float copy of the model ever exists. What a GGUF load produced is kept in the engine cache:
+the dequantized safetensors for `quant=none`, the quantized model's tensors for the other modes.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
+import logging
+import mmap
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from engine.models.source import ModelSource, gguf_cache_dir
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
+from engine.quantization import INT4_TYPES, int4_groups, plan_formats, quantize_modules, weight_bytes
+from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
+
+log = logging.getLogger(__name__)
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
 
 # ------------------------------------------------------------------------------------ converted GGUF
 
 CONVERTED_WEIGHTS = "model.safetensors"
-CONVERTED_CONFIG = "engine_config.json"
+QUANTIZED_PLAN = "plan.json"
+QUANTIZED_LAYOUT = 1  # bump when kernels/quant_linear.py changes what its buffers hold
 
 
-def converted_gguf(gguf_file: Path) -> Path | None:
-    """The GGUF's config and dequantized tensors (HF names and layout, fp32 safetensors), converted on first
-    use. Parsing the header (it holds the whole vocabulary) and dequantizing took ~8 s of a 10 s SmolLM2
+def converted_gguf(gguf_file: Path, cfg: ModelConfig) -> Path | None:
+    """The GGUF's dequantized tensors (HF names and layout, fp32 safetensors), converted on first use.
+    Parsing the header (it holds the whole vocabulary) and dequantizing took ~8 s of a 10 s SmolLM2
     load; the converted file is memory-mapped in well under a second. None where the cache is not writable."""
     folder = gguf_cache_dir(gguf_file, "checkpoints")
-    if (folder / CONVERTED_CONFIG).is_file():
+    if (folder / CONVERTED_WEIGHTS).is_file():
         return folder
     from safetensors.torch import save_file
 
+    def write(staging: Path) -> None:
+        tensors = {name: read((slice(None),)).contiguous() for name, read in _iter_gguf(gguf_file, cfg)}
+        save_file(tensors, str(staging / CONVERTED_WEIGHTS))
+
+    return _publish(folder, write)
+
+
+def _publish(folder: Path, write: Callable[[Path], None]) -> Path | None:
+    """Write a cache entry into a staging folder and rename it into place: readers see all or nothing.
+    None where the cache is not writable (a read-only cache, a full disk)."""
     staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     try:
         staging.mkdir(parents=True, exist_ok=True)
-    except OSError:  # read-only cache: read the GGUF itself, without dequantizing it for nothing first
-        return None
-    cfg = _gguf_config(gguf_file)
-    tensors = {name: read((slice(None),)).contiguous() for name, read in _iter_gguf(gguf_file, cfg)}
-    try:
-        save_file(tensors, str(staging / CONVERTED_WEIGHTS))
-        (staging / CONVERTED_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg)))
+        write(staging)
         os.replace(staging, folder)
-    except OSError:  # a full disk, or another process (a tensor-parallel rank) renamed its copy first
+    except OSError:  # also: another process (a tensor-parallel rank) renamed its copy first
         shutil.rmtree(staging, ignore_errors=True)
-    return folder if (folder / CONVERTED_CONFIG).is_file() else None
+    return folder if folder.is_dir() else None
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -56,16 +74,23 @@ def converted_gguf(gguf_file: Path) -> Path | None:
 
 def load_config(src: ModelSource) -> ModelConfig:
     if src.is_gguf:
-        converted = converted_gguf(src.path)
-        if converted is None:
-            return _gguf_config(src.path)
-        return ModelConfig(**json.loads((converted / CONVERTED_CONFIG).read_text()))
+        return _cached_gguf_config(src.path)
     cfg = ModelConfig.from_hf(json.loads((src.path / "config.json").read_text()))
     gen = src.path / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         if eos is not None:
             cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set([eos] if isinstance(eos, int) else eos))
+    return cfg
+
+
+def _cached_gguf_config(path: Path) -> ModelConfig:
+    # Reading the config means parsing the whole header (seconds, for the vocabulary): done once per file.
+    file = gguf_cache_dir(path, "configs") / "config.json"
+    if file.is_file():
+        return ModelConfig(**json.loads(file.read_text()))
+    cfg = _gguf_config(path)
+    _publish(file.parent, lambda staging: (staging / file.name).write_text(json.dumps(dataclasses.asdict(cfg))))
     return cfg
 
 
@@ -137,10 +162,12 @@ _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 PartReader = Callable[[tuple[slice, ...]], torch.Tensor]
 
 
-def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
+def iter_checkpoint(src: ModelSource, cfg: ModelConfig, convert: bool = True) -> Iterator[tuple[str, PartReader]]:
     """(HF name, reader of a part of it) pairs, whatever the file format. Readers touch only the rows
-    asked for where the format allows, so a tensor-parallel rank does not materialise whole matrices."""
-    folder = converted_gguf(src.path) if src.is_gguf else src.path
+    asked for where the format allows, so a tensor-parallel rank does not materialise whole matrices.
+    A GGUF is read through its dequantized copy in the cache unless `convert` is off (quantized loads
+    read the blocks themselves)."""
+    folder = converted_gguf(src.path, cfg) if src.is_gguf and convert else None if src.is_gguf else src.path
     if folder is None:
         yield from _iter_gguf(src.path, cfg)
         return
@@ -153,30 +180,61 @@ def iter_checkpoint(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, P
                 yield name, lambda part, tensor=tensor: tensor[part[: len(tensor.get_shape())]]
 
 
-def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
-    import gguf
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """A PartReader of one GGUF tensor (dequantized rows), which also hands out 4-bit blocks as they are."""
 
-    for t in _gguf_reader(path).tensors:
-        stem, kind = t.name.rsplit(".", 1)
-        if stem.startswith("blk."):
-            _, layer, part = stem.split(".", 2)
-            if part not in _GGUF_NAMES:
-                continue
-            name = f"model.layers.{layer}.{_GGUF_NAMES[part]}.{kind}"
-        elif stem in _GGUF_TOP:
-            name = f"{_GGUF_TOP[stem]}.{kind}"
-        else:
-            continue
-        permuted = cfg.architecture == "llama" and stem.endswith(("attn_q", "attn_k"))
+    tensor: Any  # gguf.ReaderTensor
+    head_dim: int
+    permuted: bool  # llama.cpp's rotary row order (Q and K of llama models)
 
-        def read(part: tuple[slice, ...], t=t, permuted=permuted) -> torch.Tensor:
-            # Quantized blocks run along a row, so whole rows dequantize on their own.
-            w = torch.from_numpy(gguf.dequantize(t.data[part[0]], t.tensor_type).copy())
-            if permuted:  # rows are sliced by whole heads, and the permutation stays inside a head
-                w = _undo_llama_cpp_permute(w, w.shape[0] // cfg.head_dim)
-            return w[(slice(None),) + part[1 : w.dim()]]
+    @property
+    def type_name(self) -> str:
+        return self.tensor.tensor_type.name
 
-        yield name, read
+    def __call__(self, part: tuple[slice, ...]) -> torch.Tensor:
+        import gguf
+
+        # Quantized blocks run along a row, so whole rows dequantize on their own.
+        w = torch.from_numpy(gguf.dequantize(self.tensor.data[part[0]], self.tensor.tensor_type).copy())
+        return self._rows_in_hf_order(w)[(slice(None),) + part[1 : w.dim()]]
+
+    def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, scales, offsets) of whole rows of a Q4_0/Q4_1/Q4_K tensor, without loss."""
+        return tuple(self._rows_in_hf_order(t) for t in int4_groups(self.tensor.data[rows], self.type_name))
+
+    def _rows_in_hf_order(self, w: torch.Tensor) -> torch.Tensor:
+        # Rows are sliced by whole heads, and the permutation stays inside a head.
+        return _undo_llama_cpp_permute(w, w.shape[0] // self.head_dim) if self.permuted else w
+
+
+def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
+    reader = _gguf_reader(path)
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is not None:
+            permuted = cfg.architecture == "llama" and t.name.rsplit(".", 1)[0].endswith(("attn_q", "attn_k"))
+            yield name, GGUFTensor(t, cfg.head_dim, permuted)
+            _drop_pages(reader, t)  # the consumer is done with it
+
+
+def _drop_pages(reader: Any, t: Any) -> None:
+    """Let the kernel reclaim the mapped file pages of a tensor already loaded: otherwise the whole file
+    stays resident next to the model built from it (SmolLM2: +98 MB of peak RSS)."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = -(-(t.data_offset + t.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, min(end, len(mapping)) - start)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    stem, kind = gguf_name.rsplit(".", 1)
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        return f"model.layers.{layer}.{_GGUF_NAMES[part]}.{kind}" if part in _GGUF_NAMES else None
+    return f"{_GGUF_TOP[stem]}.{kind}" if stem in _GGUF_TOP else None
 
 
 def _undo_llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -218,39 +276,120 @@ def _placement(name: str, cfg: ModelConfig, tp: TPGroup) -> tuple[str, slice | N
     return name, None, (everything,)
 
 
-def load_weights(model: CausalLM, src: ModelSource) -> None:
-    params = dict(model.named_parameters())
+def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> None:
+    """Fill the model from the checkpoint, tensor by tensor (`convert`: see iter_checkpoint)."""
+    state = model.state_dict(keep_vars=True)
+    modules = dict(model.named_modules())
+    quantized = {name for name, m in modules.items() if isinstance(m, QUANTIZED)}
     seen: set[str] = set()
-    for name, read in iter_checkpoint(src, model.config):
+    for name, read in iter_checkpoint(src, model.config, convert):
         place = _placement(name, model.config, model.tp)
         if place is None:
             continue
         target, rows, part = place
-        if target not in params:
+        owner, _, attr = target.rpartition(".")
+        if owner in quantized and attr == "weight":
+            _load_quantized(modules[owner], name, rows, part, read)
+        elif target in state:
+            dest = state[target].data if rows is None else state[target].data[rows]
+            _check_shape(name, read(part), tuple(dest.shape), dest.copy_)
+        else:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the {model.config.architecture} model")
-        dest = params[target].data if rows is None else params[target].data[rows]
-        tensor = read(part)
-        if dest.shape != tensor.shape:
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)} for this rank, "
-                f"expected {tuple(dest.shape)}"
-            )
-        dest.copy_(tensor)
         seen.add(target)
-    missing = {n for n in params if n not in seen and not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
+    expected = {n for n, _ in model.named_parameters()} | {f"{m}.weight" for m in quantized}
+    expected |= {f"{m}.bias" for m in quantized if getattr(modules[m], "bias", None) is not None}
+    tied = model.config.tie_word_embeddings
+    missing = {n for n in expected if n not in seen and not (tied and n.startswith("lm_head."))}
     if missing:
         raise ValueError(f"checkpoint {src.path} lacks {sorted(missing)[:5]}")
 
 
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], use: Callable[..., Any]) -> None:
+    if tuple(tensor.shape) != expected:
+        shape = tuple(tensor.shape)
+        raise ValueError(f"checkpoint tensor {name!r} has shape {shape} for this rank, expected {expected}")
+    use(tensor)
+
+
+def _load_quantized(module: nn.Module, name: str, rows: slice | None, part: tuple[slice, ...], read: PartReader):
+    rows = slice(None) if rows is None else rows
+    out = module.out_features if hasattr(module, "out_features") else module.num_embeddings
+    width = module.in_features if hasattr(module, "in_features") else module.embedding_dim
+    expected = (len(range(*rows.indices(out))), width)
+    if isinstance(module, Int4Linear) and getattr(read, "type_name", None) in INT4_TYPES:
+        q, scale, offset = read.int4_groups(part[0])  # the file's own 4-bit groups: no loss
+        _check_shape(name, q, expected, lambda q: module.load_groups(rows, q, scale, offset))
+    else:
+        _check_shape(name, read(part), expected, lambda w: module.load_rows(rows, w))
+
+
+def plan_quantization(model: CausalLM, src: ModelSource, mode: str) -> dict[str, str]:
+    """{module: format} for `mode` (engine/quantization.py), from the checkpoint's tensor types."""
+    if mode == "none":
+        return {}
+    parts = {name: [] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    parts["embed_tokens"] = []
+    if src.is_gguf:
+        for name, read in _iter_gguf(src.path, model.config):
+            place = _placement(name, model.config, TPGroup())
+            owner = place and place[0].rpartition(".")[0]
+            if owner in parts:
+                parts[owner].append(read.type_name)
+    else:
+        parts = {name: ["F32"] for name in parts}
+    if model.config.tie_word_embeddings:
+        parts["lm_head"] = parts["embed_tokens"]
+    return plan_formats(mode, parts)
+
+
 def build_model(
-    src: ModelSource, cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device, tp: TPGroup = TPGroup()
+    src: ModelSource,
+    cfg: ModelConfig,
+    backend,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp: TPGroup = TPGroup(),
+    quant: str = "none",
 ) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(cfg, backend, tp)
+    cache = gguf_cache_dir(src.path, f"quantized-{quant}-v{QUANTIZED_LAYOUT}") if src.is_gguf else None
+    cached = cache is not None and (cache / QUANTIZED_PLAN).is_file()
+    plan = json.loads((cache / QUANTIZED_PLAN).read_text()) if cached else plan_quantization(model, src, quant)
+    with torch.device("meta"):
+        quantize_modules(model, plan)
     model = model.to_empty(device="cpu")
-    for p in model.parameters():
-        p.data.zero_()  # vocab padding rows of a sharded embedding are never loaded
+    for t in model.state_dict().values():
+        t.zero_()  # vocab padding rows of a sharded embedding are never loaded
     model.tie_weights()
     model.rope.build_table()  # not in the checkpoint: computed, and meta tensors hold no values
-    load_weights(model, src)
+    if cached:
+        _load_state(model, cache / CONVERTED_WEIGHTS)
+    else:
+        load_weights(model, src, convert=not plan)
+        if plan and cache is not None:
+            _publish(cache, lambda staging: _save_state(model, plan, staging))
+    if plan:
+        log.info("weights: %.0f MB (%s)", weight_bytes(model) / 2**20, _summary(plan))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _summary(plan: dict[str, str]) -> str:
+    counts = collections.Counter(plan.values())
+    return ", ".join(f"{n} {fmt} layers" for fmt, n in sorted(counts.items()))
+
+
+def _save_state(model: CausalLM, plan: dict[str, str], folder: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / CONVERTED_WEIGHTS))  # tied tables once
+    (folder / QUANTIZED_PLAN).write_text(json.dumps(plan))
+
+
+def _load_state(model: CausalLM, file: Path) -> None:
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    with safe_open(str(file), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            state[name].copy_(f.get_tensor(name))  # one tensor at a time: peak memory is the model

@@ -209,8 +209,12 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         # Also called after `to_empty`, which gives every parameter its own storage.
-        if self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings:
+            return
+        if isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
+        else:  # quantized (kernels/quant_linear.py): one int8 table serves both
+            self.embed_tokens.qweight, self.embed_tokens.scale = self.lm_head.qweight, self.lm_head.scale
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         """Hidden states [T, hidden] for flattened tokens; call `compute_logits` on the rows you need."""
@@ -219,7 +223,7 @@ class CausalLM(nn.Module):
         else:
             local = input_ids - self.vocab_start
             mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
-            x = self.embed_tokens(torch.where(mine, local, 0)) * mine.unsqueeze(-1).to(self.embed_tokens.weight.dtype)
+            x = self.embed_tokens(torch.where(mine, local, 0)) * mine.unsqueeze(-1)
             x = self.tp.all_reduce(x)
         for layer in self.layers:
             x = layer(x, positions, self.rope, meta)
@@ -227,7 +231,9 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden)
-        if torch.compiler.is_compiling():
+        if not isinstance(self.lm_head, nn.Linear):  # quantized
+            local = self.lm_head(hidden)
+        elif torch.compiler.is_compiling():
             # Inside a compiled graph a plain linear lets inductor pick its own GEMM for the frozen weight.
             local = F.linear(hidden, self.lm_head.weight)
         else:

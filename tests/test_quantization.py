@@ -1,0 +1,268 @@
+"""Quantized weights (quant=int8|int4|auto): the GGUF 4-bit repack is lossless, the layers compute what a
+float layer on the same weights computes, a GGUF of 4-bit blocks generates the tokens transformers
+generates from it, int8/int4 keep SmolLM2's perplexity, and loading streams into the engine cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PROMPTS, hf_greedy, trim_at_eos
+
+from engine import LLM, SamplingParams
+from engine.config import QUANT_MODES, ConfigError, compose_config, group_choices
+from engine.models.source import embedded_model_path, gguf_cache_dir
+from engine.quantization import int4_groups, plan_formats
+from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
+
+Q = gguf.GGMLQuantizationType
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def blocks(rows: int, cols: int, qtype: Q, seed: int = 0) -> np.ndarray:
+    """GGUF bytes [rows, row bytes] of a random tensor. gguf-py cannot quantize to Q4_K: its blocks are
+    random bytes with small fp16 super-block scales (every bit pattern of the rest is a valid block)."""
+    rng = np.random.default_rng(seed)
+    if qtype != Q.Q4_K:
+        return gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32), qtype)
+    n = rows * cols // 256
+    scales = rng.uniform(1e-4, 2e-3, (n, 2)).astype(np.float16).view(np.uint8)
+    return np.concatenate([scales, rng.integers(0, 256, (n, 140), dtype=np.uint8)], axis=1).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4_repack_is_lossless(qtype):
+    raw = blocks(96, 512, qtype)
+    layer = Int4Linear(512, 96)
+    layer.load_groups(slice(None), *int4_groups(raw, qtype.name))
+    assert torch.equal(layer.dequantized(), torch.from_numpy(gguf.dequantize(raw, qtype)))
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int4_layer_computes_the_float_product(rows, compiled):
+    torch.manual_seed(0)
+    layer = Int4Linear(256, 160, bias=True)
+    layer.load_rows(slice(None), torch.randn(160, 256))
+    layer.bias.copy_(torch.randn(160))
+    x = torch.randn(rows, 256)
+    fn = torch.compile(layer, dynamic=False) if compiled else layer
+    with torch.inference_mode():
+        got = fn(x)
+    assert torch.allclose(got, F.linear(x, layer.dequantized(), layer.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_int4_quantizer_error_is_bounded():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    layer = Int4Linear(256, 64)
+    layer.load_rows(slice(None), w)
+    step = (w.reshape(64, 8, 32).amax(-1) - w.reshape(64, 8, 32).amin(-1)) / 15
+    err = (layer.dequantized() - w).abs().reshape(64, 8, 32).amax(-1)
+    assert (err <= step / 2 + 1e-6).all()  # round to nearest of 16 levels spanning each group
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+def test_int8_layer_and_embedding(rows):
+    torch.manual_seed(0)
+    w = torch.randn(300, 128)
+    layer, table = Int8Linear(128, 300), Int8Embedding(300, 128)
+    layer.load_rows(slice(None), w)
+    table.load_rows(slice(None), w)
+    x = torch.randn(rows, 128)
+    want = F.linear(x, w)
+    rel = (layer(x) - want).norm() / want.norm()
+    assert rel < 0.02, rel  # weights and activations both at 8 bits
+    ids = torch.tensor([0, 299, 5])
+    assert torch.allclose(table(ids), w[ids], atol=w.abs().max().item() / 127)
+
+
+def test_plan_keeps_each_tensors_precision_class():
+    parts = {
+        "layers.0.self_attn.qkv_proj": ["Q4_K", "Q4_K", "Q6_K"],  # Q4_K_M's mix: the precise part wins
+        "layers.0.mlp.gate_up_proj": ["Q4_1", "Q4_0"],
+        "layers.0.mlp.down_proj": ["F16"],
+        "embed_tokens": ["Q4_K"],
+        "lm_head": ["Q8_0"],
+    }
+    assert plan_formats("auto", parts) == {
+        "layers.0.self_attn.qkv_proj": "int8",
+        "layers.0.mlp.gate_up_proj": "int4",
+        "embed_tokens": "int8",
+        "lm_head": "int8",
+    }
+    assert set(plan_formats("int4", parts).values()) == {"int4", "int8"}  # heads stay int8
+    assert plan_formats("none", parts) == {}
+
+
+def test_quant_group_files_are_the_modes():
+    assert group_choices("quant") == sorted(QUANT_MODES)
+    assert all(compose_config(quant=mode).quant.mode == mode for mode in QUANT_MODES)
+    assert compose_config().quant.mode == "auto"
+
+
+def test_bad_quant_settings_are_refused():
+    with pytest.raises(ValueError, match="quant='int3'"):
+        compose_config(quant="int3")
+    with pytest.raises(ConfigError, match="quant.mode.*parallel.tp=2"):
+        compose_config(quant="int8", **{"parallel.tp": 2})
+    assert compose_config(**{"parallel.tp": 2}).quant_mode == "none"  # auto loads float weights under TP
+
+
+# ------------------------------------------------------------------------------ a tiny 4-bit GGUF model
+
+TINY = dict(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512)
+TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1, "attn_output": Q.Q4_K}
+TYPES |= {"ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_K, "ffn_down": Q.Q4_0}
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A 2-layer llama GGUF whose linear layers are Q4_0/Q4_1/Q4_K blocks (F16 embeddings and head,
+    F32 norms), with SmolLM2's tokenizer."""
+    source = gguf.GGUFReader(str(embedded_model_path()))
+    h, d = TINY["hidden"], TINY["hidden"] // TINY["heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(512)
+    w.add_embedding_length(h)
+    w.add_block_count(TINY["layers"])
+    w.add_feed_forward_length(TINY["ffn"])
+    w.add_head_count(TINY["heads"])
+    w.add_head_count_kv(TINY["kv_heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(d)
+    for field in source.fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), kind, sub)
+    vocab = int(next(t for t in source.tensors if t.name == "token_embd.weight").shape[1])
+    rng = np.random.default_rng(1)
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, h)).astype(np.float16))
+    w.add_tensor("output.weight", (rng.standard_normal((vocab, h)) * 0.05).astype(np.float16))
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    shapes = {"attn_q": (h, h), "attn_k": (TINY["kv_heads"] * d, h), "attn_v": (TINY["kv_heads"] * d, h)}
+    shapes |= {"attn_output": (h, h), "ffn_gate": (TINY["ffn"], h), "ffn_up": (TINY["ffn"], h)}
+    shapes |= {"ffn_down": (h, TINY["ffn"])}
+    for layer in range(TINY["layers"]):
+        for name, (rows, cols) in shapes.items():
+            raw = blocks(rows, cols, TYPES[name], seed=layer * 10 + len(name))
+            w.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=TYPES[name])
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{layer}.{norm}.weight", (1 + 0.1 * rng.standard_normal(h)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-q4.gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eager", [True, False])
+def test_4bit_gguf_generates_what_transformers_generates(tiny_gguf, eager, tmp_path, monkeypatch):
+    """quant=auto keeps the Q4_0/Q4_1/Q4_K layers 4-bit (no fp32 copy) and, the repack being lossless,
+    greedy tokens equal transformers' on the dequantized file: batch-1 decode (one-row kernel), batched
+    decode and prefill (dequantize + GEMM), compiled and eager."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    llm = LLM(str(tiny_gguf), dtype="float32", enforce_eager=eager, progress_bar=False)
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * TINY["layers"]  # qkv, o, gate_up, down
+    assert not (tmp_path / "checkpoints").exists()  # nothing was dequantized to fp32
+    ids = [llm.encode(p) for p in PROMPTS]
+    want = [trim_at_eos(e, llm.engine.eos_token_ids) for e in hf_greedy(hf.eval(), ids, 12)]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids[:1], params)] == want[:1]  # batch 1
+    assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
+
+
+def test_quantized_load_is_cached(tiny_gguf, tmp_path, monkeypatch):
+    """The first load writes the quantized tensors and the plan to the cache; the second reads them (and
+    not the GGUF) and gets the same model."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    first = LLM(str(tiny_gguf), dtype="float32", enforce_eager=True, progress_bar=False).engine.model.state_dict()
+    folder = next((tmp_path / "quantized-auto-v1").glob("tiny-q4-*"))
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["layers.1.mlp.down_proj"] == "int4" and "lm_head" not in plan  # F16 head stays float
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    second = LLM(str(tiny_gguf), dtype="float32", enforce_eager=True, progress_bar=False).engine.model.state_dict()
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert gguf_cache_dir(tiny_gguf, "quantized-auto-v1") == folder
+
+
+# ------------------------------------------------------------------------------------- SmolLM2 quality
+
+TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()  # ~800 tokens of plain English
+
+
+def perplexity(llm: LLM) -> float:
+    ids = llm.encode(TEXT)
+    (out,) = llm.generate_outputs([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    return float(np.exp(-np.mean([lp for lp, _ in out.prompt_logprobs[1:]])))
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_int8_within_1pct_int4_within_3pct(tmp_path, monkeypatch):
+    """int8 and int4 quantize a float checkpoint (SmolLM2 dequantized and saved as safetensors): the
+    perplexity of a fixed text stays within 1% (int8, W8A8) and 3% (int4) of the float model's."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.models import loader
+    from engine.models.source import ModelSource
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    path, folder = embedded_model_path(), tmp_path / "smollm2"
+    AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    src = ModelSource(path, is_gguf=True)  # transformers will not save a GGUF-loaded model: write it here
+    tensors = {name: read((slice(None),)) for name, read in loader._iter_gguf(path, loader.load_config(src))}
+    save_file(tensors, str(folder / "model.safetensors"))
+    ppl = {}
+    for mode in ("none", "int8", "int4"):
+        llm = LLM(str(folder), quant=mode, dtype="float32", enforce_eager=True, progress_bar=False)
+        ppl[mode] = perplexity(llm)
+        del llm
+    assert 1 < ppl["none"] < 100, ppl  # a real model on real text
+    assert abs(ppl["int8"] / ppl["none"] - 1) < 0.01, ppl
+    assert abs(ppl["int4"] / ppl["none"] - 1) < 0.03, ppl
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_auto_answers_and_loads_in_little_memory(tmp_path):
+    """The embedded Q4_1 file under the default quant=auto: int4 layers and an int8 head, a correct
+    answer, and a peak RSS while loading (empty cache) under 1.5x the file's size above a process that
+    only imported the engine (KV pool kept small)."""
+    script = (
+        "import resource, torch, engine.llm\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "from engine import LLM, SamplingParams\n"
+        "llm = LLM(dtype='float32', enforce_eager=True, kv_memory_mb=16, progress_bar=False)\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = llm.generate(['The capital of France is'], SamplingParams(max_tokens=8, temperature=0))\n"
+        "kinds = sorted({type(m).__name__ for m in llm.engine.model.modules() if 'Int' in type(m).__name__})\n"
+        "print(repr(((peak - base) * 1024, out[0], kinds)))\n"
+    )
+    env = {**os.environ, "ENGINE_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown, answer, kinds = eval(done.stdout.strip().splitlines()[-1])
+    assert "Paris" in answer
+    assert kinds == ["Int4Linear", "Int8Embedding", "Int8Linear"]
+    assert grown < 1.5 * embedded_model_path().stat().st_size, grown
