@@ -7,7 +7,7 @@ is installed for this benchmark only:
 
     pip install llama-cpp-python
     python experiments/cpu_vs_llamacpp.py
-    python experiments/cpu_vs_llamacpp.py bench.modes=[int8] bench.llama_cpp=false
+    python experiments/cpu_vs_llamacpp.py bench.modes=[int8] bench.llama_cpp=false   # any checkpoint
 """
 
 from __future__ import annotations
@@ -127,10 +127,10 @@ def engine_rates(cfg: DictConfig, mode: str) -> Rates:
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
     source = resolve_model(cfg.model.path)
-    if not source.is_gguf:
-        raise SystemExit(f"model.path={cfg.model.path}: llama.cpp needs a .gguf file")
     results: dict[str, Rates] = {}
     if b.llama_cpp:
+        if not source.is_gguf:
+            raise SystemExit(f"model.path={cfg.model.path}: llama.cpp needs a .gguf file (or bench.llama_cpp=false)")
         llama = LlamaCpp(str(source.path), b)
         results["llama.cpp"] = rates(llama.run, b, llama.vocab)
         log.info("llama.cpp: %s", results["llama.cpp"])

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
+from engine.quantization import weight_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
 from workloads import record, resolve_bench_model  # noqa: E402
@@ -80,8 +81,8 @@ def main(cfg: DictConfig) -> None:
     resolve_bench_model(cfg)
     b = cfg.bench
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.engine.model.parameters()}.values())
-    log.info("weights %.0f MB (%s)", weight_bytes / 2**20, llm.engine.dtype)
+    weights = weight_bytes(llm.engine.model)
+    log.info("weights %.0f MB (%s, quant=%s)", weights / 2**20, llm.engine.dtype, cfg.quant.mode)
     decode_step_ms(llm, 1, b.context_len, 4)  # warm-up / compile
     for batch in b.batch_sizes:
         # This machine's bandwidth drifts by 20% over minutes: the floor comes from probes taken just
@@ -90,7 +91,7 @@ def main(cfg: DictConfig) -> None:
         ms = decode_step_ms(llm, batch, b.context_len, b.steps)
         after = read_bandwidth_gbs(b.bandwidth_mb)
         bw = (before + after) / 2
-        floor_ms = weight_bytes / (bw * 1e9) * 1000
+        floor_ms = weights / (bw * 1e9) * 1000
         log.info(
             "batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s",
             batch,
