@@ -248,11 +248,18 @@ class EngineConfig:
             f"quantized layers are not sharded: with parallel.tp={self.parallel.tp} use quant=none "
             "(or auto, which loads float weights there)",
         )
+        _require(
+            not self.device.startswith("cuda") or self.quant.mode in ("none", "auto"),
+            "quant.mode",
+            self.quant.mode,
+            "the quantized kernels are written for the CPU: on a GPU use quant=none (or auto, which loads float "
+            "weights there)",
+        )
 
     @property
     def quant_mode(self) -> str:
-        """The mode in effect: `auto` loads float weights under tensor parallelism."""
-        return "none" if self.parallel.tp > 1 else self.quant.mode
+        """The mode in effect: `auto` loads float weights under tensor parallelism and on GPUs."""
+        return "none" if self.parallel.tp > 1 or self.device.startswith("cuda") else self.quant.mode
 
     @property
     def torch_dtype(self) -> torch.dtype:

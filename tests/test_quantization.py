@@ -115,6 +115,9 @@ def test_bad_quant_settings_are_refused():
     with pytest.raises(ConfigError, match="quant.mode.*parallel.tp=2"):
         compose_config(quant="int8", **{"parallel.tp": 2})
     assert compose_config(**{"parallel.tp": 2}).quant_mode == "none"  # auto loads float weights under TP
+    with pytest.raises(ConfigError, match="quant.mode.*GPU"):
+        compose_config(quant="int4", device="cuda")
+    assert compose_config(device="cuda").quant_mode == "none"  # ... and on a GPU
 
 
 # ------------------------------------------------------------------------------ a tiny 4-bit GGUF model
