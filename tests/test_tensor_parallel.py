@@ -15,7 +15,8 @@ from test_server import MODEL, start_server, stop, wait_ready
 
 from engine import LLM
 
-KW = dict(dtype=torch.float32, enforce_eager=True, progress_bar=False)
+# quant=none: under tensor parallelism `auto` loads float weights, so the one-rank reference must too.
+KW = dict(dtype=torch.float32, enforce_eager=True, progress_bar=False, quant="none")
 
 
 def greedy_ids(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
