@@ -167,7 +167,9 @@ def iter_checkpoint(src: ModelSource, cfg: ModelConfig, convert: bool = True) ->
     asked for where the format allows, so a tensor-parallel rank does not materialise whole matrices.
     A GGUF is read through its dequantized copy in the cache unless `convert` is off (quantized loads
     read the blocks themselves)."""
-    folder = converted_gguf(src.path, cfg) if src.is_gguf and convert else None if src.is_gguf else src.path
+    folder = src.path
+    if src.is_gguf:
+        folder = converted_gguf(src.path, cfg) if convert else None
     if folder is None:
         yield from _iter_gguf(src.path, cfg)
         return
@@ -311,7 +313,9 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], use
     use(tensor)
 
 
-def _load_quantized(module: nn.Module, name: str, rows: slice | None, part: tuple[slice, ...], read: PartReader):
+def _load_quantized(
+    module: nn.Module, name: str, rows: slice | None, part: tuple[slice, ...], read: PartReader
+) -> None:
     rows = slice(None) if rows is None else rows
     out = module.out_features if hasattr(module, "out_features") else module.num_embeddings
     width = module.in_features if hasattr(module, "in_features") else module.embedding_dim
