@@ -35,18 +35,29 @@ _TRACING = threading.RLock()
 _calling = threading.local()  # which graph this thread is calling, for the compile log lines below
 
 
+PROGRESS_EVERY_S = 15.0  # a graph can take 90 s to compile on 2 cores: say it is still going
+
+
 @on_compile_start
 def _compile_started(args: Any) -> None:
     name = getattr(_calling, "name", None)
     if name is not None:
-        _calling.started = time.perf_counter()
+        _calling.started = started = time.perf_counter()
+        _calling.finished = finished = threading.Event()
         log.info("compiling the %s ...", name)
+        threading.Thread(target=_report_progress, args=(name, started, finished), daemon=True).start()
+
+
+def _report_progress(name: str, started: float, finished: threading.Event) -> None:
+    while not finished.wait(PROGRESS_EVERY_S):
+        log.info("compiling the %s: %.0f s so far", name, time.perf_counter() - started)
 
 
 @on_compile_end
 def _compile_ended(args: Any) -> None:
     name = getattr(_calling, "name", None)
     if name is not None:
+        _calling.finished.set()
         log.info("compiling the %s: done in %.1f s", name, time.perf_counter() - _calling.started)
 
 

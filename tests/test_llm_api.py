@@ -198,3 +198,25 @@ def test_a_script_sees_each_graph_compile(tiny_qwen3):
     assert any("prefill graph" in line and "done in" in line for line in lines), out.stderr[-2000:]
     assert any("decode graph (batch 1)" in line and "done in" in line for line in lines), out.stderr[-2000:]
     assert "Autotune" not in out.stderr  # inductor's own tables stay off
+
+
+def test_a_long_compilation_says_it_is_still_going(monkeypatch, caplog):
+    """Between 'compiling ...' and 'done in' a progress line every PROGRESS_EVERY_S, and none after."""
+    import logging
+    import time
+
+    from engine import step_graphs
+
+    monkeypatch.setattr(step_graphs, "PROGRESS_EVERY_S", 0.05)
+    caplog.set_level(logging.INFO, logger="engine.step_graphs")
+    step_graphs._calling.name = "decode graph (batch 1)"
+    try:
+        step_graphs._compile_started(None)
+        time.sleep(0.3)
+        step_graphs._compile_ended(None)
+    finally:
+        step_graphs._calling.name = None
+    time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "compiling the decode graph (batch 1) ..." and "done in" in lines[-1]
+    assert len([line for line in lines if line.endswith("s so far")]) >= 2
