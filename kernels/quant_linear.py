@@ -64,6 +64,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def load_rows(self, rows: slice, w: torch.Tensor) -> None:
         self.qweight[rows], self.scale[rows] = quantize_int8_rows(w)
 
@@ -98,6 +102,10 @@ class Int8Embedding(nn.Module):
 
     load_rows = Int8Linear.load_rows
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
 
@@ -113,6 +121,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", torch.empty(groups, out_features))
         self.register_buffer("offset", torch.empty(groups, out_features))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    weight_shape = Int8Linear.weight_shape
 
     def load_rows(self, rows: slice, w: torch.Tensor) -> None:
         self.load_groups(rows, *quantize_int4_groups(w))

@@ -294,7 +294,7 @@ def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> Non
             _load_quantized(modules[owner], name, rows, part, read)
         elif target in state:
             dest = state[target].data if rows is None else state[target].data[rows]
-            _check_shape(name, read(part), tuple(dest.shape), dest.copy_)
+            dest.copy_(_checked(name, read(part), tuple(dest.shape)))
         else:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the {model.config.architecture} model")
         seen.add(target)
@@ -306,25 +306,24 @@ def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> Non
         raise ValueError(f"checkpoint {src.path} lacks {sorted(missing)[:5]}")
 
 
-def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], use: Callable[..., Any]) -> None:
+def _checked(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
     if tuple(tensor.shape) != expected:
         shape = tuple(tensor.shape)
         raise ValueError(f"checkpoint tensor {name!r} has shape {shape} for this rank, expected {expected}")
-    use(tensor)
+    return tensor
 
 
 def _load_quantized(
     module: nn.Module, name: str, rows: slice | None, part: tuple[slice, ...], read: PartReader
 ) -> None:
     rows = slice(None) if rows is None else rows
-    out = module.out_features if hasattr(module, "out_features") else module.num_embeddings
-    width = module.in_features if hasattr(module, "in_features") else module.embedding_dim
+    out, width = module.weight_shape
     expected = (len(range(*rows.indices(out))), width)
     if isinstance(module, Int4Linear) and getattr(read, "type_name", None) in INT4_TYPES:
         q, scale, offset = read.int4_groups(part[0])  # the file's own 4-bit groups: no loss
-        _check_shape(name, q, expected, lambda q: module.load_groups(rows, q, scale, offset))
+        module.load_groups(rows, _checked(name, q, expected), scale, offset)
     else:
-        _check_shape(name, read(part), expected, lambda w: module.load_rows(rows, w))
+        module.load_rows(rows, _checked(name, read(part), expected))
 
 
 def plan_quantization(model: CausalLM, src: ModelSource, mode: str) -> dict[str, str]:
