@@ -269,3 +269,17 @@ def test_smollm2_gguf_auto_answers_and_loads_in_little_memory(tmp_path):
     assert "Paris" in answer
     assert kinds == ["Int4Linear", "Int8Embedding", "Int8Linear"]
     assert grown < 1.5 * embedded_model_path().stat().st_size, grown
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_a_checkpoint_of_the_wrong_shape_is_named(tiny_qwen3, tmp_path, mode):
+    """Float and quantized loads both name the tensor whose shape disagrees with the config."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_qwen3, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 256  # the checkpoint's MLP is 128 wide
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight' has shape .*128.*expected .*256"):
+        LLM(str(bad), quant=mode, dtype="float32", enforce_eager=True, progress_bar=False)
