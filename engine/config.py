@@ -137,6 +137,9 @@ class CompileConfig:
     prefill: bool = True
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     warmup: str = "lazy"  # lazy | background
+    # Compile one decoder layer and reuse its code for every layer (None: on CPU unless weights are frozen;
+    # see configs/config.yaml).
+    regional: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_buckets", tuple(sorted(self.batch_buckets)))

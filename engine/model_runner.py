@@ -75,14 +75,7 @@ class ModelRunner:
         self.pad_to_buckets = device.type == "cuda" or not backend.supports_dynamic_shapes
         self.tp = model.tp
         self.graphs = StepGraphs(
-            self._logits_at_every_token,
-            self._logits_at_rows,
-            backend,
-            compile_cfg,
-            device,
-            self.tp.size,
-            prefill_tokens,
-            float_gemms=any(isinstance(m, torch.nn.Linear) for m in model.modules()),
+            model, self._logits_at_every_token, self._logits_at_rows, backend, compile_cfg, device, prefill_tokens
         )
 
     @property

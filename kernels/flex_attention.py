@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from kernels.paged import PagedAttentionBase, PagedBatch
+from kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
 
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
@@ -74,11 +74,11 @@ class FlexPagedAttention(PagedAttentionBase):
         return batch, block_mask
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
     ) -> torch.Tensor:
         batch, block_mask = meta
-        self.write_kv(layer, k, v, batch.slot_mapping)
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        self.write_kv(cache, k, v, batch.slot_mapping)
+        kc, vc = cache
         span = block_mask.seq_lengths[1]
         keys = kc.view(1, -1, *kc.shape[2:])[:, :span].transpose(1, 2)
         values = vc.view(1, -1, *vc.shape[2:])[:, :span].transpose(1, 2)
@@ -86,7 +86,7 @@ class FlexPagedAttention(PagedAttentionBase):
         return self.unpad(out, batch)
 
     def decode(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
     ) -> torch.Tensor:
         # The block mask already covers one query per row; nothing to specialise.
-        return self.forward(layer, q, k, v, meta)
+        return self.forward(cache, q, k, v, meta)

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,6 +28,13 @@ class PagedBatch:
     @property
     def batch_size(self) -> int:
         return self.page_table.shape[0]
+
+
+class LayerCache(NamedTuple):
+    """One layer's K and V pages, [pages, page_size, Hkv, D] each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 @dataclass
@@ -66,27 +73,31 @@ class PagedAttentionBase(ABC):
         """Metadata for `decode` (every row has one new token)."""
         return self.prepare(batch)
 
+    def layer_cache(self, layer: int) -> LayerCache:
+        return LayerCache(self.k_cache[layer], self.v_cache[layer])
+
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+    def forward(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         """Write this step's K/V and attend: [T, H, D] flattened queries of any mix of rows -> [T, H, D]."""
 
     @abstractmethod
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+    def decode(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         """`forward` for one query per row, traced into the compiled decode graph."""
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+    def attend(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         """Attention for one layer. `meta` is None inside a compiled prefill graph: there attention is one
         opaque op per layer that finds this step's metadata in `opaque_attention_step`, so the graph
         around it (GEMMs, norms, RoPE, MLP) compiles once for every step shape while the varying,
         data-dependent attention (request lengths, prefill/decode groups) stays eager."""
         if meta is None:
-            return torch.ops.engine.paged_attention(q, k, v, layer)
+            return torch.ops.engine.paged_attention(q, k, v, cache.k, cache.v)
         if isinstance(meta, DecodeStep):
-            return self.decode(layer, q, k, v, meta.meta)
-        return self.forward(layer, q, k, v, meta)
+            return self.decode(cache, q, k, v, meta.meta)
+        return self.forward(cache, q, k, v, meta)
 
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
+    @staticmethod
+    def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        kc, vc = cache
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k.to(kc.dtype))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v.to(vc.dtype))
 
@@ -129,14 +140,16 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
 # mutates_args is empty although the op writes the KV pool: the pool is not an input of the graph (the op
 # reaches it through the backend), so nothing in the graph can observe the write out of order.
 @torch.library.custom_op("engine::paged_attention", mutates_args=())
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> torch.Tensor:
     step = getattr(_step, "current", None)
     if step is None:
         raise RuntimeError("engine::paged_attention ran outside `opaque_attention_step`: no step metadata")
     backend, meta = step
-    return backend.forward(layer, q, k, v, meta).contiguous()
+    return backend.forward(LayerCache(k_cache, v_cache), q, k, v, meta).contiguous()
 
 
 @paged_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)

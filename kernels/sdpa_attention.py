@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import paged_decode_attention
-from kernels.paged import PagedAttentionBase, PagedBatch
+from kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
 
 # (indices of the group's tokens in the flattened step, or None for all; its sub-batch; its mask)
 Group = tuple[torch.Tensor | None, PagedBatch, torch.Tensor]
@@ -52,9 +52,11 @@ class SDPAAttention(PagedAttentionBase):
     def prepare_decode(self, batch: PagedBatch) -> PagedBatch:
         return batch
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        self.write_kv(layer, k, v, batch.slot_mapping)
-        return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], batch.page_table, batch.positions)
+    def decode(
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch
+    ) -> torch.Tensor:
+        self.write_kv(cache, k, v, batch.slot_mapping)
+        return paged_decode_attention(q, cache.k, cache.v, batch.page_table, batch.positions)
 
     def _mask(self, batch: PagedBatch) -> torch.Tensor:
         """[B, 1, L, S]: a slot is visible up to the query's own position (causality, padding, stale slots)."""
@@ -70,20 +72,20 @@ class SDPAAttention(PagedAttentionBase):
         return rows.view(b, pages * self.page_size, *cache.shape[2:]).transpose(1, 2)
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, list[Group]]
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, list[Group]]
     ) -> torch.Tensor:
         batch, groups = meta
-        self.write_kv(layer, k, v, batch.slot_mapping)
+        self.write_kv(cache, k, v, batch.slot_mapping)
         if groups[0][0] is None:
-            return self._attend(layer, q, batch, groups[0][2])
+            return self._attend(cache, q, batch, groups[0][2])
         out = torch.empty_like(q)
         for tokens, sub, mask in groups:
-            out.index_copy_(0, tokens, self._attend(layer, q.index_select(0, tokens), sub, mask))
+            out.index_copy_(0, tokens, self._attend(cache, q.index_select(0, tokens), sub, mask))
         return out
 
-    def _attend(self, layer: int, q: torch.Tensor, batch: PagedBatch, mask: torch.Tensor) -> torch.Tensor:
-        keys = self._gather(self.k_cache[layer], batch.page_table)
-        values = self._gather(self.v_cache[layer], batch.page_table)
+    def _attend(self, cache: LayerCache, q: torch.Tensor, batch: PagedBatch, mask: torch.Tensor) -> torch.Tensor:
+        keys = self._gather(cache.k, batch.page_table)
+        values = self._gather(cache.v, batch.page_table)
         out = F.scaled_dot_product_attention(
             self.pad_queries(q, batch), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
         )

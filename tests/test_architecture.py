@@ -140,18 +140,17 @@ def test_attend_routes_decode_steps_to_the_decode_path():
         def prepare(self, batch):
             return "prefill-meta"
 
-        def forward(self, layer, q, k, v, meta):
+        def forward(self, cache, q, k, v, meta):
             calls.append(("forward", meta))
             return q
 
-        def decode(self, layer, q, k, v, meta):
+        def decode(self, cache, q, k, v, meta):
             calls.append(("decode", meta))
             return q
 
-    backend = Recorder([], [], 16)
-    q = torch.zeros(1, 1, 1)
-    backend.attend(0, q, q, q, DecodeStep(backend.prepare_decode(None)))
-    backend.attend(0, q, q, q, backend.prepare(None))
+    backend = Recorder([q := torch.zeros(1, 1, 1)], [q], 16)
+    backend.attend(backend.layer_cache(0), q, q, q, DecodeStep(backend.prepare_decode(None)))
+    backend.attend(backend.layer_cache(0), q, q, q, backend.prepare(None))
     assert calls == [("decode", "prefill-meta"), ("forward", "prefill-meta")]
 
     class Incomplete(PagedAttentionBase):

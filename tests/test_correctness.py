@@ -26,10 +26,12 @@ CONFIGS = {
     "flex": dict(enforce_eager=True, attention="flex"),
     # Both graphs: prefill chunks of 32 tokens leave some steps with one or no row to sample.
     "compiled": dict(max_num_batched_tokens=32),
+    # One decoder layer's code shared by every layer (the default for quantized CPU models), float here.
+    "compiled-regional": {"max_num_batched_tokens": 32, "compile.regional": True},
     # ~40 tokens of KV per sequence at page size 4 -> 16 pages is enough for one or two at a time.
     "preempting": dict(enforce_eager=True, page_size=4, num_pages=17, max_num_batched_tokens=64),
 }
-SLOW = {"flex", "compiled"}
+SLOW = {"flex", "compiled", "compiled-regional"}
 
 
 def _prompt_ids(tok) -> list[list[int]]:
@@ -56,6 +58,7 @@ def test_greedy_matches_transformers(name, tiny_qwen3, reference, device):
     stats = llm.engine.stats()
     assert stats["running"] == stats["waiting"] == 0
     assert stats["kv_pages_free"] + stats["kv_pages_evictable"] == stats["kv_pages_total"], "KV pages leaked"
+    assert llm.engine.runner.graphs.regional == (name == "compiled-regional")
     if name == "preempting":
         assert stats["preemptions"] > 0, "the pool was meant to be too small for the batch"
     if CONFIGS[name].get("cache") != "none":

@@ -9,6 +9,7 @@ that lives in the attention backend's per-step metadata.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
+from kernels.paged import LayerCache
 
 
 @dataclass
@@ -152,7 +154,9 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache, meta: Any
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -160,7 +164,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
-        out = self.backend.attend(self.layer_idx, q, k, v, meta)
+        out = self.backend.attend(cache, q, k, v, meta)
         return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
 
@@ -186,9 +190,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta)
+    def kv_cache(self) -> LayerCache:
+        return self.self_attn.backend.layer_cache(self.self_attn.layer_idx)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache, meta: Any
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def run_layer(
+    layer: DecoderLayer, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache, meta: Any
+) -> torch.Tensor:
+    """One decoder layer, its KV cache passed in rather than looked up by index: every layer is then the
+    same function of its tensors, which lets a compiler build one layer's code and reuse it for all."""
+    return layer(x, positions, rope, cache, meta)
 
 
 class CausalLM(nn.Module):
@@ -206,6 +223,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
+        self.run_layer: Callable[..., torch.Tensor] = run_layer  # engine/step_graphs.py may wrap it
 
     def tie_weights(self) -> None:
         # Also called after `to_empty`, which gives every parameter its own storage.
@@ -226,7 +244,7 @@ class CausalLM(nn.Module):
             x = self.embed_tokens(torch.where(mine, local, 0)) * mine.unsqueeze(-1)
             x = self.tp.all_reduce(x)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, meta)
+            x = self.run_layer(layer, x, positions, self.rope, layer.kv_cache(), meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
