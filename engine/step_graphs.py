@@ -179,15 +179,19 @@ class StepGraphs:
         sys.setswitchinterval(1e-4)
         try:
             decode, prefill = self._compile(decode_fn, prefill_fn)
-            with torch.inference_mode():
-                buckets = self.cfg.batch_buckets
-                for b in sorted({buckets[0], min(buckets[-1], 8)}):
-                    batch = self._scratch_batch(b, 1)
-                    decode(batch.positions, batch.positions, DecodeStep(self.backend.prepare_decode(batch)))
-                if prefill is not None:
-                    batch = self._scratch_batch(1, self.prefill_tokens)
-                    with opaque_attention_step(self.backend, self.backend.prepare(batch)):
-                        prefill(batch.positions, batch.positions, batch.positions[-2:])
+            # The inputs look like the runner's (made outside inference mode, none aliasing another):
+            # dynamo guards on both, and a mismatch compiled every graph again on the first real step.
+            buckets = self.cfg.batch_buckets
+            for b in sorted({buckets[0], min(buckets[-1], 8)}):
+                batch = self._scratch_batch(b, 1)
+                ids, meta = torch.zeros_like(batch.positions), DecodeStep(self.backend.prepare_decode(batch))
+                with torch.inference_mode():
+                    decode(ids, batch.positions, meta)
+            if prefill is not None:
+                batch = self._scratch_batch(1, self.prefill_tokens)
+                ids, rows = torch.zeros_like(batch.positions), batch.positions[-2:].clone()
+                with torch.inference_mode(), opaque_attention_step(self.backend, self.backend.prepare(batch)):
+                    prefill(ids, batch.positions, rows)
         except Exception:
             log.exception("compiling the step graphs failed; steps stay eager")
             return

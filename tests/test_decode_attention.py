@@ -43,12 +43,12 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
 
 
 @pytest.mark.slow
-def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
+@pytest.mark.parametrize("regional", [None, True], ids=["default", "regional"])
+def test_background_compile_serves_eagerly_then_compiled(regional, tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
     expected = hf_greedy(hf_tiny_qwen3, ids, 8)
-    llm = LLM(
-        str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device, **{"compile.warmup": "background"}
-    )
+    overrides = {"compile.warmup": "background", "compile.regional": regional}
+    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device, **overrides)
     runner = llm.engine.runner
     compiled_plans = []
     plan = runner.plan
@@ -67,6 +67,12 @@ def test_background_compile_serves_eagerly_then_compiled(tiny_qwen3, hf_tiny_qwe
     assert runner.compiled_ready.wait(timeout=600), "the background compilation never finished"
     compiled_plans.clear()
     llm.engine.prefix_cache.reset()
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
+    # The warm-up's graphs serve the real steps: its inputs once differed in a guarded detail (inference
+    # tensors, aliased arguments) and every graph compiled again on the first request.
+    assert counters["stats"]["unique_graphs"] == graphs, "a graph compiled again after the warm-up"
+    assert sum(counters["graph_break"].values()) == breaks
     assert (True, "decode") in compiled_plans, "decode steps should run the compiled graph once it is ready"
     assert (True, "prefill") in compiled_plans, "prefill steps should run the compiled graph once it is ready"
