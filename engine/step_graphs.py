@@ -155,8 +155,8 @@ class StepGraphs:
         if self.regional:
             # Traced once, the layer's code is stamped out for the others (the KV cache is an argument of
             # `run_layer`, so the layers differ only in their tensors): SmolLM2's int8 graphs compiled in
-            # 10-25 s instead of 48-100 s each, batch-1 decode as fast, 32-row decode and prefill 4-8% slower
-            # (the wrapper calls each layer's code, buffers are not shared across layers).
+            # 10-25 s instead of 48-100 s each, batch-1 decode as fast, 32-row decode and prefill up to
+            # ~10% slower (the wrapper calls each layer's code; buffers are not shared across layers).
             self.model.run_layer = torch.compiler.nested_compile_region(run_layer)
         decode = torch.compile(decode_fn, **options, dynamic=self.backend.supports_dynamic_shapes)
         if not self.cfg.prefill:
