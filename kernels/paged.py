@@ -137,8 +137,9 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
         _step.current = None
 
 
-# mutates_args is empty although the op writes the KV pool: the pool is not an input of the graph (the op
-# reaches it through the backend), so nothing in the graph can observe the write out of order.
+# mutates_args is empty although the op writes `k_cache`/`v_cache`: in the compiled prefill graph no other
+# op reads a layer's cache (the next read is this layer's op in the next step), so no reordering can observe
+# the write, and the compiler is spared functionalizing a write into the whole pool.
 @torch.library.custom_op("engine::paged_attention", mutates_args=())
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
