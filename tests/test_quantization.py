@@ -19,9 +19,10 @@ from conftest import PROMPTS, hf_greedy, trim_at_eos
 
 from engine import LLM, SamplingParams
 from engine.config import QUANT_MODES, ConfigError, compose_config, group_choices
+from engine.models.loader import QUANTIZED_LAYOUT
 from engine.models.source import embedded_model_path, gguf_cache_dir
 from engine.quantization import int4_groups, plan_formats
-from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
+from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +49,17 @@ def test_int4_repack_is_lossless(qtype):
 
 @pytest.mark.parametrize("rows", [1, 7])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_int4_layer_computes_the_float_product(rows, compiled):
+@pytest.mark.parametrize("out_features", [160, 100])  # whole tiles of 16 rows, and a padded last tile
+def test_int4_layer_computes_the_float_product(rows, compiled, out_features):
     torch.manual_seed(0)
-    layer = Int4Linear(256, 160, bias=True)
-    layer.load_rows(slice(None), torch.randn(160, 256))
-    layer.bias.copy_(torch.randn(160))
+    layer = Int4Linear(256, out_features, bias=True)
+    w = torch.randn(out_features, 256)
+    for part in (slice(0, 37), slice(37, None)):  # loaded in pieces across tiles, as shards are
+        layer.load_rows(part, w[part])
+    q, scale, offset = quantize_int4_groups(w)
+    want_w = (q.float().reshape(out_features, -1, 32) * scale[..., None] + offset[..., None]).flatten(1)
+    assert torch.equal(layer.dequantized(), want_w)
+    layer.bias.copy_(torch.randn(out_features))
     x = torch.randn(rows, 256)
     fn = torch.compile(layer, dynamic=False) if compiled else layer
     with torch.inference_mode():
@@ -71,10 +78,11 @@ def test_int4_quantizer_error_is_bounded():
 
 
 @pytest.mark.parametrize("rows", [1, 9])
-def test_int8_layer_and_embedding(rows):
+@pytest.mark.parametrize("digits", [1, 2])
+def test_int8_layer_and_embedding(rows, digits):
     torch.manual_seed(0)
     w = torch.randn(300, 128)
-    layer, table = Int8Linear(128, 300), Int8Embedding(300, 128)
+    layer, table = Int8Linear(128, 300, digits=digits), Int8Embedding(300, 128)
     layer.load_rows(slice(None), w)
     table.load_rows(slice(None), w)
     x = torch.randn(rows, 128)
@@ -199,14 +207,14 @@ def test_quantized_load_is_cached(tiny_gguf, tmp_path, monkeypatch):
     not the GGUF) and gets the same model."""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
     first = LLM(str(tiny_gguf), dtype="float32", enforce_eager=True, progress_bar=False).engine.model.state_dict()
-    folder = next((tmp_path / "quantized-auto-v1").glob("tiny-q4-*"))
+    folder = next((tmp_path / f"quantized-auto-v{QUANTIZED_LAYOUT}").glob("tiny-q4-*"))
     plan = json.loads((folder / "plan.json").read_text())
     assert plan["layers.1.mlp.down_proj"] == "int4" and "lm_head" not in plan  # F16 head stays float
     written = (folder / "model.safetensors").stat().st_mtime_ns
     second = LLM(str(tiny_gguf), dtype="float32", enforce_eager=True, progress_bar=False).engine.model.state_dict()
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert gguf_cache_dir(tiny_gguf, "quantized-auto-v1") == folder
+    assert gguf_cache_dir(tiny_gguf, f"quantized-auto-v{QUANTIZED_LAYOUT}") == folder
 
 
 # ------------------------------------------------------------------------------------- SmolLM2 quality

@@ -37,7 +37,7 @@ QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
 
 CONVERTED_WEIGHTS = "model.safetensors"
 QUANTIZED_PLAN = "plan.json"
-QUANTIZED_LAYOUT = 1  # bump when kernels/quant_linear.py changes what its buffers hold
+QUANTIZED_LAYOUT = 2  # bump when kernels/quant_linear.py changes what its buffers hold
 
 
 def converted_gguf(gguf_file: Path, cfg: ModelConfig) -> Path | None:
