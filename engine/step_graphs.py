@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -152,6 +153,13 @@ class StepGraphs:
         torch._inductor.config.autotune_num_choices_displayed = 0
         torch._inductor.config.max_autotune_report_choices_stats = False  # two stderr lines per GEMM shape
         options = compile_options(self.cfg, self.device, self.float_gemms and not self.regional)
+        if "options" in options:
+            # Dynamo checked ~4600 guards on the model's modules (hooks, types, attributes, weights) before
+            # every step: 0.79 ms of a 9 ms batch-1 int8 step, 0.07 ms without them (SmolLM2). Nothing
+            # changes the model once it is loaded, and each runner compiles its own copy of the step
+            # functions' code (dynamo keeps its graphs per code object), so no other model reaches these.
+            options["options"]["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            decode_fn, prefill_fn = _own_code(decode_fn), _own_code(prefill_fn)
         if self.regional:
             # Traced once, the layer's code is stamped out for the others (the KV cache is an argument of
             # `run_layer`, so the layers differ only in their tensors): SmolLM2's int8 graphs compiled in
@@ -223,6 +231,15 @@ class StepGraphs:
             max_query_len=length,
             pad_index=pad_index,
         )
+
+
+def _own_code(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A bound method whose function has its own code object: torch.compile's graphs and guards attach to
+    the code object, so this copy's graphs serve only this instance."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__kwdefaults__ = fn.__qualname__, fn.__kwdefaults__
+    return types.MethodType(copy, method.__self__)
 
 
 def _serialise_tracing() -> None:

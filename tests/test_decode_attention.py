@@ -1,6 +1,10 @@
-"""The compiled decode path's attention against SDPA over the gathered context, and background compilation."""
+"""The compiled decode path's attention against SDPA over the gathered context, background compilation, and
+graphs that stay with their own model."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -76,3 +80,26 @@ def test_background_compile_serves_eagerly_then_compiled(regional, tiny_qwen3, h
     assert sum(counters["graph_break"].values()) == breaks
     assert (True, "decode") in compiled_plans, "decode steps should run the compiled graph once it is ready"
     assert (True, "prefill") in compiled_plans, "prefill steps should run the compiled graph once it is ready"
+
+
+def test_models_of_one_shape_keep_their_own_graphs(tiny_qwen3, qwen_tokenizer, tmp_path, device):
+    """The step graphs skip dynamo's guards on the model's modules, so a graph compiled for one model must
+    never serve another: here a second checkpoint with the same tensor shapes differs only in a float
+    attribute that the graphs bake in as a constant (every RMSNorm's eps)."""
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other-eps"
+    shutil.copytree(tiny_qwen3, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    got = []
+    for path in (tiny_qwen3, other):
+        llm = LLM(str(path), dtype=torch.float32, progress_bar=False, device=device)
+        eos = llm.engine.eos_token_ids
+        got.append([trim_at_eos(o.outputs[0].token_ids, eos) for o in llm.generate_outputs(ids, params)])
+        assert llm.engine.runner.graphs.decode is not None
+    hf = AutoModelForCausalLM.from_pretrained(other, torch_dtype=torch.float32).eval()
+    assert got[1] == [trim_at_eos(t, eos) for t in hf_greedy(hf, ids, 8)]
+    assert got[0] != got[1], "the two models should generate differently for this test to mean anything"
