@@ -4,20 +4,23 @@ Two formats, chosen per layer by engine/quantization.py:
 
 - `Int8Linear`: int8 weights with one scale per output row. Several rows (prefill, batched decode) go
   through `torch._int_mm` (oneDNN's int8 GEMM) with the activations quantized per token to two int8
-  digits; one row reads the int8 weight in a fused reduction with float activations. Measured here
-  (SmolLM2, `experiments/cpu_vs_llamacpp.py`): prefill 1.5x and batch-32 decode 1.3x fp32's speed,
-  batch 1 1.6x, with a perplexity 0.3% from fp32's.
+  digits (one where the layer's inputs allow it); one row reads the int8 weight in a fused reduction
+  with float activations. Measured here (SmolLM2, `experiments/cpu_vs_llamacpp.py`): prefill 1.5x and
+  batch-32 decode 1.3x fp32's speed, batch 1 1.6x, with a perplexity 0.3% from fp32's.
 - `Int4Linear`: 4-bit values in groups of 32 along the input, each group with its own scale and
   offset (w = scale * q + offset): the layout of GGUF's Q4_0, Q4_1 and Q4_K blocks, which therefore
   load without loss. The input stays in floating point, so outputs equal a matmul with the dequantized
-  weights up to summation order. One row reads the packed nibbles directly (a fused reduction); more
-  rows dequantize the weight inside the graph and run one GEMM.
+  weights up to summation order. One row reads the packed nibbles directly (a fused reduction over
+  tiles of 16 output rows); more rows dequantize the weight inside the graph and run one GEMM.
 
 Measured and rejected (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms): ATen's `_weight_int8pack_mm`
 (0.72 ms / 24 ms) and `_weight_int4pack_mm_for_cpu` (1.5 ms / 48 ms) run far below fp32 on these
 machines; fbgemm's `quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per
 tensor and is deprecated; dequantizing in the graph and calling an fp32 GEMM (3.0 ms at 32 rows for
-int8) writes a float copy of the weight at every step.
+int8) writes a float copy of the weight at every step. oneDNN's prepacked `onednn.qlinear_pointwise`
+(uint8 activations; int8 ones took a reference path, 1.2 s per call) beat `_int_mm` by 7% at 64 rows
+over 30 layers' weights (24.8 vs 26.6 ms), by 25% at 32: not worth a second weight format yet.
+torchao's CPU int4 kernels are not in its PyPI wheel.
 """
 
 from __future__ import annotations
