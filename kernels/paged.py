@@ -119,7 +119,7 @@ class PagedAttentionBase(ABC):
     def query_positions(batch: PagedBatch) -> torch.Tensor:
         """[B, L] position of each padded query slot; padding gets 0 so its row is never fully masked."""
         if batch.pad_index is None:
-            return batch.positions.view(-1, 1)
+            return batch.positions.view(batch.batch_size, -1)
         pos = batch.positions.new_zeros(batch.batch_size * batch.max_query_len)
         return pos.index_copy(0, batch.pad_index, batch.positions).view(batch.batch_size, -1)
 
