@@ -9,6 +9,7 @@ the gather and the mask: `decode` runs `paged_decode_attention`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
 @dataclass
 class Part:
     """Rows attended by one SDPA call: `tokens` (None: every token of the step) with their sub-batch, and
-    the mask; None when the part is one whole prompt (no cached prefix), which SDPA masks as causal."""
+    the mask; None when the rows are whole prompts (nothing cached before them), which SDPA masks as causal."""
 
     tokens: torch.Tensor | slice | None
     batch: PagedBatch
@@ -30,51 +31,44 @@ class Part:
 
 class SDPAAttention(PagedAttentionBase):
     def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, list[Part]]:
-        """The batch and the SDPA calls it takes. Each prefill chunk gets a call of its own: padded to the
-        longest chunk and masked, a step's ragged prompts spent most of the call on padding and masked
-        scores (prompts of 40/120/200/250 tokens: 5.3 ms per layer padded, 2.9 ms one call each; equal
-        prompts: equal). Single-token rows (decode rows of a mixed step) share one padded call: padded with
-        a chunk, each would carry a whole chunk of padded queries (a 512-token step with 47 decode rows
-        ran 2x slower that way)."""
+        """The batch and the SDPA calls it takes: one per set of prefill chunks of equal length and context,
+        and one for the single-token rows. Padded to the longest chunk and masked, a step's ragged prompts
+        spent most of the call on padding and masked scores (prompts of 40/120/200/250 tokens: 5.3 ms per
+        layer in one padded call, 2.9 ms in one call each). Single-token rows (decode rows of a mixed step)
+        share one padded call: padded with a chunk, each would carry a whole chunk of padded queries (a
+        512-token step with 47 decode rows ran 2x slower that way)."""
         if batch.pad_index is None:
             return batch, [Part(None, batch, self._mask(batch))]
         query_lens = torch.bincount(batch.pad_index // batch.max_query_len, minlength=batch.batch_size).tolist()
-        parts, singles, start = [], [], 0
+        seq_lens = batch.seq_lens.tolist()
+        starts = list(itertools.accumulate([0, *query_lens]))
+        shapes: dict[tuple[int, int], list[int]] = {}
         for row, n in enumerate(query_lens):
-            if n == 1:
-                singles.append(row)
-            else:
-                parts.append(self._chunk_part(batch, row, slice(start, start + n)))
-            start += n
-        if singles:
-            parts.append(self._single_tokens_part(batch, torch.tensor(singles, device=batch.positions.device)))
-        return batch, parts
+            shapes.setdefault((n, seq_lens[row]) if n > 1 else (1, 0), []).append(row)
+        return batch, [self._part(batch, rows, starts) for rows in shapes.values()]
 
-    def _chunk_part(self, batch: PagedBatch, row: int, tokens: slice) -> Part:
-        seq_len = int(batch.seq_lens[row])
-        n = tokens.stop - tokens.start
+    def _part(self, batch: PagedBatch, rows: list[int], starts: list[int]) -> Part:
+        """The call for `rows`, which all have the same number of new tokens (and, beyond one, the same
+        context), so none needs padding."""
+        n = starts[rows[0] + 1] - starts[rows[0]]
+        dev = batch.positions.device
+        if len(rows) == 1:
+            tokens = slice(starts[rows[0]], starts[rows[0]] + n)
+        else:
+            tokens = torch.tensor([t for r in rows for t in range(starts[r], starts[r] + n)], device=dev)
+        row_ids = torch.tensor(rows, device=dev)
+        seq_lens = batch.seq_lens[row_ids]
+        pages = -(-int(seq_lens.max()) // self.page_size)
         sub = PagedBatch(
             positions=batch.positions[tokens],
             slot_mapping=batch.slot_mapping[tokens],
-            page_table=batch.page_table[row : row + 1, : -(-seq_len // self.page_size)],
-            seq_lens=batch.seq_lens[row : row + 1],
+            page_table=batch.page_table[row_ids, : pages if n > 1 else self.padded_pages(pages)],
+            seq_lens=seq_lens,
             max_query_len=n,
             pad_index=None,
         )
-        return Part(tokens, sub, None if seq_len == n else self._mask(sub))
-
-    def _single_tokens_part(self, batch: PagedBatch, row_ids: torch.Tensor) -> Part:
-        tokens = (batch.pad_index % batch.max_query_len == 0).nonzero(as_tuple=True)[0][row_ids]
-        pages = -(-int(batch.seq_lens[row_ids].max()) // self.page_size)
-        sub = PagedBatch(
-            positions=batch.positions[tokens],
-            slot_mapping=batch.slot_mapping[tokens],
-            page_table=batch.page_table[row_ids, : self.padded_pages(pages)],
-            seq_lens=batch.seq_lens[row_ids],
-            max_query_len=1,
-            pad_index=None,
-        )
-        return Part(tokens, sub, self._mask(sub))
+        whole_prompts = n > 1 and int(seq_lens[0]) == n
+        return Part(tokens, sub, None if whole_prompts else self._mask(sub))
 
     def prepare_decode(self, batch: PagedBatch) -> PagedBatch:
         return batch
@@ -114,8 +108,8 @@ class SDPAAttention(PagedAttentionBase):
         batch = part.batch
         keys = self._gather(cache.k, batch.page_table)
         values = self._gather(cache.v, batch.page_table)
-        if part.mask is None:  # one whole prompt: its context is its queries
-            keys, values = keys[:, :, : q.shape[0]], values[:, :, : q.shape[0]]
+        if part.mask is None:  # whole prompts: each row's context is its queries
+            keys, values = keys[:, :, : batch.max_query_len], values[:, :, : batch.max_query_len]
         out = F.scaled_dot_product_attention(
             self.pad_queries(q, batch),
             keys.to(q.dtype),

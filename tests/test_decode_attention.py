@@ -46,6 +46,55 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
     assert torch.allclose(got.float(), want, atol=tol), (got.float() - want).abs().max()
 
 
+def test_mixed_step_attention_matches_each_row_alone(device):
+    """A step mixing whole prompts (two of one length, so they share a call), a chunk after a cached
+    prefix and single-token rows: each row's output equals causal attention over its own context."""
+    from kernels.paged import PagedBatch
+    from kernels.sdpa_attention import SDPAAttention
+
+    torch.manual_seed(0)
+    kv_heads, group, dim, page_size, num_pages = 2, 3, 16, 4, 48
+    k_cache = torch.randn(num_pages, page_size, kv_heads, dim, device=device)
+    v_cache = torch.randn(num_pages, page_size, kv_heads, dim, device=device)
+    backend = SDPAAttention([k_cache], [v_cache], page_size)
+    rows = [(0, 6), (0, 6), (0, 11), (9, 5), (14, 1), (3, 1)]  # (cached tokens, new tokens) per row
+    width = max(-(-(c + n) // page_size) for c, n in rows)
+    perm = (torch.randperm(num_pages - 1) + 1).tolist()
+    table, positions, slots, pad_index = [], [], [], []
+    longest = max(n for _, n in rows)
+    for r, (cached, n) in enumerate(rows):
+        pages = [perm.pop() for _ in range(-(-(cached + n) // page_size))]
+        table.append(pages + [0] * (width - len(pages)))
+        positions += range(cached, cached + n)
+        slots += [pages[p // page_size] * page_size + p % page_size for p in range(cached, cached + n)]
+        pad_index += range(r * longest, r * longest + n)
+    batch = PagedBatch(
+        positions=torch.tensor(positions, device=device),
+        slot_mapping=torch.tensor(slots, device=device),
+        page_table=torch.tensor(table, device=device),
+        seq_lens=torch.tensor([c + n for c, n in rows], device=device),
+        max_query_len=longest,
+        pad_index=torch.tensor(pad_index, device=device),
+    )
+    tokens = len(positions)
+    q, k, v = (torch.randn(tokens, kv_heads * g, dim, device=device) for g in (group, 1, 1))
+    meta = backend.prepare(batch)
+    assert len(meta[1]) == 4, "equal whole prompts share a call; the single-token rows share one"
+    got = backend.forward(backend.layer_cache(0), q, k, v, meta)
+
+    start = 0
+    for r, (cached, n) in enumerate(rows):
+        context = torch.tensor(table[r], device=device)
+        keys = k_cache[context].reshape(-1, kv_heads, dim)[: cached + n].transpose(0, 1)
+        values = v_cache[context].reshape(-1, kv_heads, dim)[: cached + n].transpose(0, 1)
+        visible = torch.arange(cached + n, device=device) <= torch.arange(cached, cached + n, device=device)[:, None]
+        want = F.scaled_dot_product_attention(
+            q[start : start + n].transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True
+        ).transpose(0, 1)
+        assert torch.allclose(got[start : start + n], want, atol=1e-5), (r, (got[start : start + n] - want).abs().max())
+        start += n
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("regional", [None, True], ids=["default", "regional"])
 def test_background_compile_serves_eagerly_then_compiled(regional, tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
