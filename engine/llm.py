@@ -24,17 +24,18 @@ from engine.tokenizer import encode_chat, load_tokenizer
 Prompt = str | list[int]
 
 
-def announce_compilation() -> None:
-    """Show the engine's one line per compiled graph on stderr when the application has not set up logging
-    itself: the first `generate` otherwise sits silent while the graphs compile (SmolLM2: ~100 s here)."""
-    graphs = logging.getLogger("engine.step_graphs")
-    if logging.getLogger().handlers or graphs.handlers:
+def announce_progress() -> None:
+    """Show the engine's progress lines (engine/progress.py: reading and converting a GGUF, loading,
+    compiling each graph) on stderr when the application has not set up logging itself: a first start
+    otherwise sits silent for a minute or more."""
+    engine_log = logging.getLogger("engine")
+    if logging.getLogger().handlers or engine_log.handlers:
         return  # the application's logging (a Hydra app, the server) shows them already
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[engine] %(message)s"))
-    graphs.addHandler(handler)
-    graphs.setLevel(logging.INFO)
-    graphs.propagate = False
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.INFO)
+    engine_log.propagate = False
 
 
 class LLM:
@@ -54,8 +55,8 @@ class LLM:
         **overrides: Any,
     ) -> None:
         self.config = config if config is not None else compose_config(model_path, dtype, **overrides)
-        if self.config.progress_bar and self.config.compile.enabled:
-            announce_compilation()
+        if self.config.progress_bar:
+            announce_progress()
         source = resolve_model(self.config.model.path)
         self.tokenizer = load_tokenizer(source)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []

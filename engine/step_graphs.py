@@ -24,6 +24,7 @@ from torch._dynamo.callback import on_compile_end, on_compile_start
 from engine.config import CompileConfig
 from engine.kv_cache import SCRATCH_PAGE
 from engine.models.transformer import CausalLM, run_layer
+from engine.progress import Progress
 from kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 
 log = logging.getLogger(__name__)
@@ -37,30 +38,17 @@ _TRACING = threading.RLock()
 _calling = threading.local()  # which graph this thread is calling, for the compile log lines below
 
 
-PROGRESS_EVERY_S = 15.0  # a graph can take 90 s to compile on 2 cores: say it is still going
-
-
 @on_compile_start
 def _compile_started(args: Any) -> None:
     name = getattr(_calling, "name", None)
     if name is not None:
-        _calling.started = started = time.perf_counter()
-        _calling.finished = finished = threading.Event()
-        log.info("compiling the %s ...", name)
-        threading.Thread(target=_report_progress, args=(name, started, finished), daemon=True).start()
-
-
-def _report_progress(name: str, started: float, finished: threading.Event) -> None:
-    while not finished.wait(PROGRESS_EVERY_S):
-        log.info("compiling the %s: %.0f s so far", name, time.perf_counter() - started)
+        _calling.progress = Progress(log, f"compiling the {name}")
 
 
 @on_compile_end
 def _compile_ended(args: Any) -> None:
-    name = getattr(_calling, "name", None)
-    if name is not None:
-        _calling.finished.set()
-        log.info("compiling the %s: done in %.1f s", name, time.perf_counter() - _calling.started)
+    if getattr(_calling, "name", None) is not None:
+        _calling.progress.finish()
 
 
 def _named(fn: Callable[..., torch.Tensor], label: str) -> Callable[..., torch.Tensor]:

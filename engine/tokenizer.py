@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from engine.models.source import ModelSource, gguf_cache_dir
+from engine.progress import progress
 from engine.tool_calls import messages_as_text, template_knows_tools
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
@@ -21,7 +25,8 @@ def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
     cached = gguf_cache_dir(src.path, "tokenizers")
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
-    tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.path.name)
+    with progress(log, f"converting the tokenizer of {src.path.name} for transformers (once per file)"):
+        tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.path.name)
     with contextlib.suppress(OSError):  # read-only home: convert again next time
         tok.save_pretrained(str(cached))
     return tok

@@ -205,9 +205,9 @@ def test_a_long_compilation_says_it_is_still_going(monkeypatch, caplog):
     import logging
     import time
 
-    from engine import step_graphs
+    from engine import progress, step_graphs
 
-    monkeypatch.setattr(step_graphs, "PROGRESS_EVERY_S", 0.05)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.05)
     caplog.set_level(logging.INFO, logger="engine.step_graphs")
     step_graphs._calling.name = "decode graph (batch 1)"
     try:
@@ -220,3 +220,16 @@ def test_a_long_compilation_says_it_is_still_going(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "compiling the decode graph (batch 1) ..." and "done in" in lines[-1]
     assert len([line for line in lines if line.endswith("s so far")]) >= 2
+
+
+def test_a_slow_step_that_fails_says_so(monkeypatch, caplog):
+    import logging
+
+    from engine import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.05)
+    caplog.set_level(logging.INFO, logger="engine.test")
+    with pytest.raises(OSError), progress.progress(logging.getLogger("engine.test"), "reading x"):
+        raise OSError("disk gone")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "reading x ..." and lines[-1].startswith("reading x: failed in")

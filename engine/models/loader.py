@@ -27,6 +27,7 @@ from torch import nn
 from engine.models.source import ModelSource, gguf_cache_dir
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
+from engine.progress import progress
 from engine.quantization import INT4_TYPES, int4_groups, plan_formats, quantize_modules, weight_bytes
 from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
 
@@ -89,7 +90,8 @@ def _cached_gguf_config(path: Path) -> ModelConfig:
     file = gguf_cache_dir(path, "configs") / "config.json"
     if file.is_file():
         return ModelConfig(**json.loads(file.read_text()))
-    cfg = _gguf_config(path)
+    with progress(log, f"reading the GGUF header of {path.name} (once per file)"):
+        cfg = _gguf_config(path)
     _publish(file.parent, lambda staging: (staging / file.name).write_text(json.dumps(dataclasses.asdict(cfg))))
     return cfg
 
@@ -369,7 +371,8 @@ def build_model(
     if cached:
         _load_state(model, cache / CONVERTED_WEIGHTS)
     else:
-        load_weights(model, src, convert=not plan)
+        with progress(log, f"loading the weights of {src.path.name} (quant={quant})"):
+            load_weights(model, src, convert=not plan)
         if plan and cache is not None:
             _publish(cache, lambda staging: _save_state(model, plan, staging))
     if plan:
