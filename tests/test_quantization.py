@@ -279,15 +279,18 @@ def test_smollm2_gguf_auto_answers_and_loads_in_little_memory(tmp_path):
     assert grown < 1.5 * embedded_model_path().stat().st_size, grown
 
 
+@pytest.mark.parametrize("width", [256, 64], ids=["narrower-checkpoint", "wider-checkpoint"])
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
-def test_a_checkpoint_of_the_wrong_shape_is_named(tiny_qwen3, tmp_path, mode):
-    """Float and quantized loads both name the tensor whose shape disagrees with the config."""
+def test_a_checkpoint_of_the_wrong_shape_is_named(tiny_qwen3, tmp_path, mode, width):
+    """Float and quantized loads both name the tensor whose shape disagrees with the config, whether the
+    checkpoint is narrower or wider (read in part, a wider one used to load truncated)."""
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_qwen3, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] = 256  # the checkpoint's MLP is 128 wide
+    cfg["intermediate_size"] = width  # the checkpoint's MLP is 128 wide
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight' has shape .*128.*expected .*256"):
+    named = rf"model\.layers\.0\.mlp\.\w+_proj\.weight' has shape .*128.*expected .*{width}"
+    with pytest.raises(ValueError, match=named):
         LLM(str(bad), quant=mode, dtype="float32", enforce_eager=True, progress_bar=False)

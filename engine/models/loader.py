@@ -180,8 +180,21 @@ def iter_checkpoint(src: ModelSource, cfg: ModelConfig, convert: bool = True) ->
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensor = f.get_slice(name)
-                yield name, lambda part, tensor=tensor: tensor[part[: len(tensor.get_shape())]]
+                yield name, SafetensorsTensor(f.get_slice(name))
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsTensor:
+    """A PartReader of one safetensors tensor: only the part asked for is read."""
+
+    tensor: Any  # safetensors' slice
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.get_shape())
+
+    def __call__(self, part: tuple[slice, ...]) -> torch.Tensor:
+        return self.tensor[part[: len(self.shape)]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +208,10 @@ class GGUFTensor:
     @property
     def type_name(self) -> str:
         return self.tensor.tensor_type.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists the fastest dimension first
 
     def __call__(self, part: tuple[slice, ...]) -> torch.Tensor:
         import gguf
@@ -291,6 +308,7 @@ def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> Non
         if place is None:
             continue
         target, rows, part = place
+        _check_full_shape(name, read.shape, model.config)
         owner, _, attr = target.rpartition(".")
         if owner in quantized and attr == "weight":
             _load_quantized(modules[owner], name, rows, part, read)
@@ -306,6 +324,30 @@ def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> Non
     missing = {n for n in expected if n not in seen and not (tied and n.startswith("lm_head."))}
     if missing:
         raise ValueError(f"checkpoint {src.path} lacks {sorted(missing)[:5]}")
+
+
+def _check_full_shape(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> None:
+    """A checkpoint tensor wider than the config says would otherwise be read in part (each rank reads
+    its rows of it) and the model would run on a truncated matrix."""
+    d, hidden, inter = cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {
+        "self_attn.q_proj.weight": (q, hidden),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (hidden, q),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+        "embed_tokens.weight": (cfg.vocab_size, hidden),
+        "lm_head.weight": (cfg.vocab_size, hidden),
+    }
+    expected = next((v for k, v in shapes.items() if name.endswith(k)), None)
+    if expected is not None and tuple(shape) != expected:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shape)}, expected {expected} by the config")
 
 
 def _checked(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
