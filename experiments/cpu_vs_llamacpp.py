@@ -106,24 +106,22 @@ class LlamaCpp:
 def engine_rates(cfg: DictConfig, mode: str) -> Rates:
     cfg.quant.mode = mode
     t = time.perf_counter()
-    llm = LLM(config=EngineConfig.from_dictconfig(cfg))
-    log.info(
-        "engine quant=%s: loaded in %.1f s, %.0f MB of weights",
-        mode,
-        time.perf_counter() - t,
-        weight_bytes(llm.engine.model) / 2**20,
-    )
+    with LLM(config=EngineConfig.from_dictconfig(cfg)) as llm:
+        log.info(
+            "engine quant=%s: loaded in %.1f s, %.0f MB of weights",
+            mode,
+            time.perf_counter() - t,
+            weight_bytes(llm.engine.model) / 2**20,
+        )
 
-    def run(batch: list[list[int]], new: int) -> None:
-        engine_generate(llm, [(p, new) for p in batch])
+        def run(batch: list[list[int]], new: int) -> None:
+            engine_generate(llm, [(p, new) for p in batch])
 
-    b, vocab = cfg.bench, llm.engine.model_config.vocab_size
-    t = time.perf_counter()
-    rates(run, b, vocab)  # warm-up: compiles the decode graphs (batch 1 and the rest) and the prefill graph
-    log.info("engine quant=%s: warm-up (compilation) %.0f s", mode, time.perf_counter() - t)
-    measured = rates(run, b, vocab)
-    llm.shutdown()
-    return measured
+        b, vocab = cfg.bench, llm.engine.model_config.vocab_size
+        t = time.perf_counter()
+        rates(run, b, vocab)  # warm-up: compiles the decode graphs (batch 1 and the rest) and the prefill graph
+        log.info("engine quant=%s: warm-up (compilation) %.0f s", mode, time.perf_counter() - t)
+        return rates(run, b, vocab)
 
 
 @hydra.main(config_path="../configs", config_name="cpu_vs_llamacpp", version_base=None)

@@ -45,11 +45,11 @@ class SDPAAttention(PagedAttentionBase):
         shapes: dict[tuple[int, int], list[int]] = {}
         for row, n in enumerate(query_lens):
             shapes.setdefault((n, seq_lens[row]) if n > 1 else (1, 0), []).append(row)
-        return batch, [self._part(batch, rows, starts) for rows in shapes.values()]
+        return batch, [self._part(batch, rows, starts, seq_lens) for rows in shapes.values()]
 
-    def _part(self, batch: PagedBatch, rows: list[int], starts: list[int]) -> Part:
+    def _part(self, batch: PagedBatch, rows: list[int], starts: list[int], seq_lens: list[int]) -> Part:
         """The call for `rows`, which all have the same number of new tokens (and, beyond one, the same
-        context), so none needs padding."""
+        context), so none needs padding. Sizes come from the host-side lists: no device reads."""
         n = starts[rows[0] + 1] - starts[rows[0]]
         dev = batch.positions.device
         if len(rows) == 1:
@@ -57,17 +57,16 @@ class SDPAAttention(PagedAttentionBase):
         else:
             tokens = torch.tensor([t for r in rows for t in range(starts[r], starts[r] + n)], device=dev)
         row_ids = torch.tensor(rows, device=dev)
-        seq_lens = batch.seq_lens[row_ids]
-        pages = -(-int(seq_lens.max()) // self.page_size)
+        pages = -(-max(seq_lens[r] for r in rows) // self.page_size)
         sub = PagedBatch(
             positions=batch.positions[tokens],
             slot_mapping=batch.slot_mapping[tokens],
             page_table=batch.page_table[row_ids, : pages if n > 1 else self.padded_pages(pages)],
-            seq_lens=seq_lens,
+            seq_lens=batch.seq_lens[row_ids],
             max_query_len=n,
             pad_index=None,
         )
-        whole_prompts = n > 1 and int(seq_lens[0]) == n
+        whole_prompts = n > 1 and seq_lens[rows[0]] == n
         return Part(tokens, sub, None if whole_prompts else self._mask(sub))
 
     def prepare_decode(self, batch: PagedBatch) -> PagedBatch:
