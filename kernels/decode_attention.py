@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.fusion import stored
+
 
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor
@@ -22,7 +24,7 @@ def paged_decode_attention(
     group = heads // kv_heads
     pages = page_table.shape[1]
     # Scores and softmax in fp32 whatever the cache dtype, as SDPA's CPU kernel does.
-    qg = q.float().view(b, 1, 1, kv_heads, group, dim) * dim**-0.5
+    qg = stored(q.float().view(b, 1, 1, kv_heads, group, dim) * dim**-0.5)
     k = k_cache[page_table].float()  # [B, P, page, Hkv, D]
     scores = (qg * k.unsqueeze(-2)).sum(-1)  # [B, P, page, Hkv, G]
     slot = torch.arange(pages * page_size, device=q.device).view(1, pages, page_size, 1, 1)

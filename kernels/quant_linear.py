@@ -29,23 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fusion import stored
+
 GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2). Laid out [G, 16, N] instead, the
 # one-row reduction read 16 bytes at a time from 16 rows N bytes apart, and the scales likewise: 30
 # layers' int4 products took 7.2 ms against 5.1 ms tiled (SmolLM2's shapes, out of cache, both with the
 # shift-free reduction below; 9.1 ms with the old layout and shifts). Tiles of 32 or 64 rows: 5.4, 5.6.
 TILE = 16
-
-
-def stored(x: torch.Tensor) -> torch.Tensor:
-    """`x` itself; compiled, a buffer that inductor writes once before the kernels that read it (lowering
-    `as_strided` realizes its input). Without it inductor inlined the producers of a one-row product's
-    input (the residual add and RMSNorm before it, the SiLU gate, int4's x_hi - 16 x_lo) into the
-    reduction and recomputed them for every output row. SmolLM2 batch-1 decode (one script, runs
-    alternated): int8 112-129 -> 148-157 tok/s (layer kernel 183 -> 138 us, head 1.14 -> 0.92 ms); int4
-    94-105 -> 118-130 with the input stored, 156-162 with x_hi - 16 x_lo too. Inductor's global `realize_opcount_threshold=4` realized the same inputs
-    for int8 but also int4's whole float product (4 bytes written per weight): int4 75 tok/s."""
-    return x.as_strided(x.shape, x.stride())
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
