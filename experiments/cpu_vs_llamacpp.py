@@ -16,6 +16,7 @@ import gc
 import itertools
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,8 +41,9 @@ def prompts(count: int, length: int, vocab: int, offset: int) -> list[list[int]]
     return [[1 + (offset + s * 7919 + j * 104729) % (vocab - 2) for j in range(length)] for s in range(count)]
 
 
-def rates(run: Callable[[list[list[int]], int], None], b: DictConfig, vocab: int) -> Rates:
-    """Prefill, batch-1 decode and batched decode tok/s of `run(prompts, new_tokens)` (greedy)."""
+def rates(run: Callable[[list[list[int]], int], None], b: DictConfig, vocab: int, repeats: int = 1) -> Rates:
+    """Prefill, batch-1 decode and batched decode tok/s of `run(prompts, new_tokens)` (greedy), each the
+    median of `repeats` measurements."""
 
     def timed(count: int, length: int, new: int) -> float:
         batch = prompts(count, length, vocab, next(FRESH))
@@ -49,11 +51,14 @@ def rates(run: Callable[[list[list[int]], int], None], b: DictConfig, vocab: int
         run(batch, new)
         return time.perf_counter() - t
 
-    decode, p = b.new_tokens - 1, b.prompt_tokens
+    def median(measure: Callable[[], float]) -> float:
+        return statistics.median(measure() for _ in range(repeats))
+
+    decode, p, n = b.new_tokens - 1, b.prompt_tokens, b.batch
     return {
-        "prefill_tok_s": b.prefill_tokens / timed(1, b.prefill_tokens, 1),
-        "decode_b1_tok_s": decode / (timed(1, p, b.new_tokens) - timed(1, p, 1)),
-        f"decode_b{b.batch}_tok_s": b.batch * decode / (timed(b.batch, p, b.new_tokens) - timed(b.batch, p, 1)),
+        "prefill_tok_s": median(lambda: b.prefill_tokens / timed(1, b.prefill_tokens, 1)),
+        "decode_b1_tok_s": median(lambda: decode / (timed(1, p, b.new_tokens) - timed(1, p, 1))),
+        f"decode_b{n}_tok_s": median(lambda: n * decode / (timed(n, p, b.new_tokens) - timed(n, p, 1))),
     }
 
 
@@ -121,7 +126,7 @@ def engine_rates(cfg: DictConfig, mode: str) -> Rates:
         t = time.perf_counter()
         rates(run, b, vocab)  # warm-up: compiles the decode graphs (batch 1 and the rest) and the prefill graph
         log.info("engine quant=%s: warm-up (compilation) %.0f s", mode, time.perf_counter() - t)
-        return rates(run, b, vocab)
+        return rates(run, b, vocab, b.repeats)
 
 
 @hydra.main(config_path="../configs", config_name="cpu_vs_llamacpp", version_base=None)
@@ -133,7 +138,7 @@ def main(cfg: DictConfig) -> None:
         if not source.is_gguf:
             raise SystemExit(f"model.path={cfg.model.path}: llama.cpp needs a .gguf file (or bench.llama_cpp=false)")
         llama = LlamaCpp(str(source.path), b)
-        results["llama.cpp"] = rates(llama.run, b, llama.vocab)
+        results["llama.cpp"] = rates(llama.run, b, llama.vocab, b.repeats)
         log.info("llama.cpp: %s", results["llama.cpp"])
     for mode in b.modes:
         results[f"engine quant={mode}"] = engine_rates(cfg, mode)

@@ -39,7 +39,8 @@ SMOKE = {
     "grammar_backends.py": {"bench.num_schemas": "3", "bench.steps": "4", "bench.batch_sizes": "[1,2]"},
     "structured_overhead.py": {"bench.batch": "4", "bench.decode_steps": "2", "bench.rounds": "1"},
     "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[int8,int4]", "bench.prompt_tokens": "4",
-                           "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16"},
+                           "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
+                           "bench.repeats": "1"},
 }  # fmt: skip
 
 
