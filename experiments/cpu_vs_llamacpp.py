@@ -132,6 +132,8 @@ def engine_rates(cfg: DictConfig, mode: str) -> Rates:
 @hydra.main(config_path="../configs", config_name="cpu_vs_llamacpp", version_base=None)
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
+    if b.repeats < 1:
+        raise ValueError(f"bench.repeats={b.repeats} must be at least 1")
     source = resolve_model(cfg.model.path)
     results: dict[str, Rates] = {}
     if b.llama_cpp:
