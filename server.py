@@ -451,6 +451,14 @@ class StartupError(Exception):
     pass
 
 
+def one_line(e: BaseException) -> str:
+    """`e` as one line: the engine's own report as it is, anything else with its type."""
+    lines = str(e).strip().splitlines()
+    if type(e) is RuntimeError and lines:  # wait_ready's message already names the failure
+        return lines[0]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 class GracefulUvicorn(uvicorn.Server):
     """uvicorn, told on SIGINT/SIGTERM to end the open requests first, and not re-raising the signal when
     it is done (uvicorn does, and the re-raised SIGTERM killed this process before it stopped the engine:
@@ -491,18 +499,26 @@ def serve(cfg: EngineConfig) -> None:
         source = resolve_model(cfg.model.path)
     except (OSError, ValueError) as e:
         raise StartupError(str(e)) from None
+    log.info("starting: model %s on %s; the engine loads it in its own process", source.path, cfg.device)
     # The engine process imports torch and loads the model while this one loads the tokenizer.
     client = EngineClient(cfg)
     client.launch()
+    # Whatever fails from here on (an import inside transformers, the tokenizer, the weights, Ctrl-C), the
+    # engine must not outlive it: left running, it went on compiling while the server hung with no port open.
     try:
-        tokenizer = load_tokenizer(source)
-    except (OSError, ValueError) as e:
+        try:
+            tokenizer = load_tokenizer(source)
+        except Exception as e:
+            raise StartupError(f"cannot load the tokenizer of {source.path}: {one_line(e)}") from None
+        try:
+            info = client.wait_ready([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        except RuntimeError as e:
+            raise StartupError(f"the engine failed to start: {one_line(e)}") from None
+    except BaseException as e:
         client.shutdown()
-        raise StartupError(str(e)) from None
-    try:
-        info = client.wait_ready([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    except RuntimeError as e:
-        raise StartupError(f"the engine failed to start: {e}") from None
+        if isinstance(e, KeyboardInterrupt):
+            raise StartupError("interrupted while starting") from None
+        raise
     server = Server(cfg, tokenizer, client)
     app = create_app(server)
     mode = cfg.compile.mode if cfg.compile.enabled else "eager"

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from engine.config import EngineConfig
 from engine.models.source import resolve_model
 from engine.outputs import StepOutput
@@ -92,13 +94,17 @@ def exit_with_parent(interval: float = 0.5) -> None:
 
 def engine_main(cfg: EngineConfig, inbox: mp.Queue, outbox: mp.Queue) -> None:
     """Entry point of the engine process: load, hand-shake, then step while there is work."""
-    from engine.llm_engine import LLMEngine  # torch: only this process needs it, not the HTTP one
-
     exit_with_parent()
+    # tqdm's default lock is a multiprocessing semaphore (first made by torch.fx during a compilation), which
+    # the os._exit below leaves registered: "1 leaked semaphore objects" at every stop. Nothing shares this
+    # process's bars, so a thread lock does.
+    tqdm.set_lock(threading.RLock())
     # Same line format as the HTTP process's (Hydra's), so the engine's lines (compiling, tensor parallel)
     # read as one log.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
+        from engine.llm_engine import LLMEngine  # torch: only this process needs it, not the HTTP one
+
         engine = LLMEngine(cfg, resolve_model(cfg.model.path))
     except Exception as e:  # reported to the parent, which exits with the message
         outbox.put(EngineFailed(f"{type(e).__name__}: {e}"))

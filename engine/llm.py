@@ -18,10 +18,12 @@ from engine.frontend import OutputProcessor, Sink, TrackedRequest
 from engine.llm_engine import LLMEngine
 from engine.models.source import resolve_model
 from engine.outputs import RequestOutput
+from engine.progress import progress
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_chat, load_tokenizer
 
 Prompt = str | list[int]
+log = logging.getLogger(__name__)
 
 
 def announce_progress() -> None:
@@ -58,9 +60,10 @@ class LLM:
         if self.config.progress_bar:
             announce_progress()
         source = resolve_model(self.config.model.path)
-        self.tokenizer = load_tokenizer(source)
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.engine = LLMEngine(self.config, source, extra_eos=eos)
+        with progress(log, f"starting the engine on {source.path.name}"):
+            self.tokenizer = load_tokenizer(source)
+            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+            self.engine = LLMEngine(self.config, source, extra_eos=eos)
         self.frontend = OutputProcessor(self.tokenizer, self.engine.abort_sequence)
         self._lock = threading.RLock()
         self._driver: asyncio.Task | None = None

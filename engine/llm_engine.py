@@ -24,6 +24,7 @@ from engine.models.source import ModelSource
 from engine.outputs import StepOutput
 from engine.parallel import TPGroup, check_divisible, init_distributed
 from engine.prefix_cache import PrefixCache
+from engine.progress import slow_step
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, check_request
 from engine.scheduler import Scheduler
@@ -171,7 +172,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
-        logits, rows, prompt_logprobs = self.runner.run(batch)
+        with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
+            logits, rows, prompt_logprobs = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         for row, entries in prompt_logprobs.items():

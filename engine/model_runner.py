@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import CompileConfig, EngineConfig
+from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 from engine.kv_cache import SCRATCH_PAGE, KVPool
 from engine.models.loader import build_model
 from engine.models.source import ModelSource
@@ -33,7 +34,6 @@ from engine.parallel import TPGroup, shard_heads
 from engine.sampler import top_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.step_graphs import StepGraphs
-from kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 
 
 @dataclass

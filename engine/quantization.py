@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
+from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
 from engine.outputs import TokenLogprob
 from engine.sequence import Sequence
-from kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
 
 
 def _column(seqs: list[Sequence], name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

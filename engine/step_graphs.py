@@ -10,6 +10,7 @@ graph is usable; the runner runs eagerly until then.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -19,13 +20,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch._dynamo.callback import on_compile_end, on_compile_start
 
 from engine.config import CompileConfig
+from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 from engine.kv_cache import SCRATCH_PAGE
 from engine.models.transformer import CausalLM, run_layer
 from engine.progress import Progress
-from kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 
 log = logging.getLogger(__name__)
 DECODE_LABEL = "decode graph (batch {})"
@@ -38,17 +38,25 @@ _TRACING = threading.RLock()
 _calling = threading.local()  # which graph this thread is calling, for the compile log lines below
 
 
-@on_compile_start
 def _compile_started(args: Any) -> None:
     name = getattr(_calling, "name", None)
     if name is not None:
         _calling.progress = Progress(log, f"compiling the {name}")
 
 
-@on_compile_end
 def _compile_ended(args: Any) -> None:
     if getattr(_calling, "name", None) is not None:
         _calling.progress.finish()
+
+
+@functools.cache
+def _announce_compilations() -> None:
+    """Register the callbacks above with dynamo, once, when a first graph is set up: importing dynamo costs
+    1.4 s, which an eager engine need not pay before its first line."""
+    from torch._dynamo.callback import on_compile_end, on_compile_start
+
+    on_compile_start(_compile_started)
+    on_compile_end(_compile_ended)
 
 
 def _named(fn: Callable[..., torch.Tensor], label: str) -> Callable[..., torch.Tensor]:
@@ -126,6 +134,7 @@ class StepGraphs:
         # Bucketed batch sizes and the growing context length would each cost a recompile under static
         # shapes; dynamic shapes serve them with one graph (plus size-1 specialisations). Backends that
         # cannot be traced symbolically get one static graph per (bucket, width).
+        _announce_compilations()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # The KV pool never changes shape. Left symbolic, "duck sizing" gave a batch of 2 (or 16) the symbol
         # of the KV head count (or page size), which the cache write then pinned: the "dynamic" graph only

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fusion import stored
+from engine.kernels.fusion import stored
 
 
 def paged_decode_attention(

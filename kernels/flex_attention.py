@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
+from engine.kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
 
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fusion import stored
+from engine.kernels.fusion import stored
 
 GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2). Laid out [G, 16, N] instead, the

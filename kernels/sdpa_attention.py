@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.decode_attention import paged_decode_attention
-from kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
+from engine.kernels.decode_attention import paged_decode_attention
+from engine.kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
 
 
 @dataclass

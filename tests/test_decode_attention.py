@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import PROMPTS, hf_greedy, trim_at_eos
 
 from engine import LLM, SamplingParams
-from kernels.decode_attention import paged_decode_attention
+from engine.kernels.decode_attention import paged_decode_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,8 +49,8 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
 def test_mixed_step_attention_matches_each_row_alone(device):
     """A step mixing whole prompts (two of one length, so they share a call), a chunk after a cached
     prefix and single-token rows: each row's output equals causal attention over its own context."""
-    from kernels.paged import PagedBatch
-    from kernels.sdpa_attention import SDPAAttention
+    from engine.kernels.paged import PagedBatch
+    from engine.kernels.sdpa_attention import SDPAAttention
 
     torch.manual_seed(0)
     kv_heads, group, dim, page_size, num_pages = 2, 3, 16, 4, 48

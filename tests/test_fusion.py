@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from kernels.fusion import stored
+from engine.kernels.fusion import stored
 
 
 def _normed_product(store: bool):

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from live_server import descendants, start_server, wait_gone, wait_ready
+from live_server import ROOT, descendants, free_port, start_server, wait_gone, wait_ready
 
 EXIT_WITHIN_S = 10
 
@@ -55,6 +59,7 @@ def assert_clean_exit(proc, family: list[int], stream: Stream | None = None) -> 
     assert proc.returncode == 0, out
     assert not wait_gone(family, EXIT_WITHIN_S - (time.time() - start)), "processes left behind"
     assert "Traceback" not in out and "terminate called" not in out, out
+    assert "leaked semaphore" not in out, out  # multiprocessing's resource tracker, at exit
     if stream is not None:
         stream.join(5)
         assert stream.lines[-1] == "[DONE]"
@@ -95,3 +100,61 @@ def test_engine_and_ranks_exit_when_the_http_process_is_killed(tiny_qwen3, tmp_p
     assert not wait_gone(family, EXIT_WITHIN_S), "the engine or its ranks outlived the HTTP process"
     stream.join(5)
     assert stream.error is not None  # the connection broke; nothing answered for the dead server
+
+
+# The server with its tokenizer load failing the way transformers 5.25 did beside this project's old
+# top-level `kernels` package (issue #33): the import error surfaced while the engine was already loading.
+BROKEN_TOKENIZER = """
+import runpy, sys, time
+import engine.tokenizer
+
+def load_tokenizer(source):
+    time.sleep(2)  # the engine process is loading the model meanwhile
+    raise ImportError("cannot import name 'CUDAProperties' from 'kernels'")
+
+engine.tokenizer.load_tokenizer = load_tokenizer
+sys.argv = ["server.py", *sys.argv[1:]]
+runpy.run_path("server.py", run_name="__main__")
+"""
+
+
+def server_args(model: Path, tmp: Path) -> list[str]:
+    return [sys.executable, "server.py", f"model.path={model}", "dtype=float32", "compile.enabled=false",
+            f"server.port={free_port()}", f"hydra.run.dir={tmp}"]  # fmt: skip
+
+
+def run_failing_start(args: list[str]) -> tuple[int, str, list[int], float]:
+    """Run a server start that fails: exit code, output, every process it started, seconds it took."""
+    start = time.time()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    family: set[int] = set()
+    while proc.poll() is None and time.time() - start < 60:
+        family.update(descendants(proc.pid))
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=5)
+    return proc.returncode, out, sorted(family), time.time() - start
+
+
+def assert_failed_start(code: int, out: str, family: list[int], message: str) -> None:
+    assert code == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out
+    assert "Traceback" not in out and "leaked semaphore" not in out, out
+    assert family, "the engine process never started: the failure was not injected while it loaded"
+    assert not wait_gone(family, EXIT_WITHIN_S), "the engine outlived the failed start"
+
+
+def test_a_tokenizer_failure_ends_the_server_and_its_engine(tiny_qwen3, tmp_path):
+    args = server_args(tiny_qwen3, tmp_path)
+    code, out, family, seconds = run_failing_start([sys.executable, "-c", BROKEN_TOKENIZER, *args[2:]])
+    assert_failed_start(code, out, family, "cannot load the tokenizer of")
+    assert "ImportError: cannot import name 'CUDAProperties'" in out
+    assert seconds < 30, f"the failed start took {seconds:.0f} s"
+
+
+def test_a_weights_failure_ends_the_server_with_the_engines_error(tiny_qwen3, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen3, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, out, family, _ = run_failing_start(server_args(broken, tmp_path))
+    assert_failed_start(code, out, family, "the engine failed to start")

@@ -19,10 +19,10 @@ from conftest import PROMPTS, hf_greedy, trim_at_eos
 
 from engine import LLM, SamplingParams
 from engine.config import QUANT_MODES, ConfigError, compose_config, group_choices
+from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups
 from engine.models.loader import QUANTIZED_LAYOUT
 from engine.models.source import embedded_model_path, gguf_cache_dir
 from engine.quantization import int4_groups, plan_formats
-from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent

@@ -110,6 +110,13 @@ def test_the_readme_lists_the_commands_this_test_knows(tiny_qwen3, tmp_path):
     assert any("-m pytest tests/benchmarks" in c for c in shell_commands())
 
 
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
+    test_command = next(c for c in shell_commands() if "pytest" in c and "pip install" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
+    assert ci.index("python3 -m venv") < ci.index("source") < ci.index(test_command)
+
+
 def test_experiment_commands(tiny_qwen3, tmp_path):
     for args, env in experiment_runs(tiny_qwen3, tmp_path):
         out = run(args, env)
@@ -196,7 +203,25 @@ def test_python_examples(tiny_qwen3, tmp_path):
                     f"{{'_target_': '{module}.{name}'}}}})\nprint(type(llm.engine.scheduler.policy).__name__)\n"
                     "print(llm.generate(['a b c', 'a'], max_tokens=2))")  # fmt: skip
         code = code.replace("LLM()", f"LLM({str(tiny_qwen3)!r}, enforce_eager=True)")
-        if "async def stream" in code:
-            code += "\nimport asyncio\nasyncio.run(stream())\n"
-        out = run([sys.executable, "-c", code], {})
+        if "OpenAI(" in code:
+            out = run_against_server(code, tiny_qwen3, tmp_path)
+        else:
+            out = run([sys.executable, "-c", code], {})
         assert out.count("\n") >= 2, out  # each block prints what it computed
+
+
+def run_against_server(code: str, tiny: Path, tmp: Path) -> str:
+    """An `openai` SDK block against a server of the tiny model under the embedded model's id, which the
+    block names as the README tells clients to."""
+    port = free_port()
+    name = re.search(r'model="([^"]+)"', code).group(1)
+    args = server_args("python server.py", tiny, port, tmp / "sdk") + [f"model.served_model_name={name}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url)
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == name
+        return run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", url)], {})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)

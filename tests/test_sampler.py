@@ -12,10 +12,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
 
 V = 50
 

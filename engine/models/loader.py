@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
 from engine.models.source import ModelSource, gguf_cache_dir
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
 from engine.progress import progress
 from engine.quantization import INT4_TYPES, int4_groups, plan_formats, quantize_modules, weight_bytes
-from kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
 
 log = logging.getLogger(__name__)
 QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.paged import LayerCache
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
-from kernels.paged import LayerCache
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Attention and sampling kernels written in plain PyTorch, meant to run under torch.compile."""
