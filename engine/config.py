@@ -140,6 +140,8 @@ class CompileConfig:
     # Compile one decoder layer and reuse its code for every layer (None: on CPU unless weights are frozen;
     # see configs/config.yaml).
     regional: bool | None = None
+    # On CUDA: decode steps replay CUDA graphs captured at start-up, one per batch bucket (engine/cuda_graphs.py).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_buckets", tuple(sorted(self.batch_buckets)))
@@ -286,7 +288,7 @@ class EngineConfig:
         model = {k: v for k, v in raw["model"].items() if k in {f.name for f in dataclasses.fields(ModelSettings)}}
         return cls(
             model=ModelSettings(**model),
-            attention=_component("attention", raw["attention"]),
+            attention=_component("attention", _attention_for_device(raw["attention"], raw["device"])),
             cache=_component("cache", raw["cache"]),
             scheduler=SchedulerConfig(policy=_component("scheduler.policy", policy), **scheduler),
             kv_cache=KVCacheConfig(**raw["kv_cache"]),
@@ -296,6 +298,14 @@ class EngineConfig:
             quant=QuantConfig(**raw["quant"]),
             **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar")},
         )
+
+
+def _attention_for_device(node: dict[str, Any], device: str) -> dict[str, Any]:
+    """`attention=auto` (configs/attention/auto.yaml) names a backend per device type."""
+    if node.get("_target_") != "auto":
+        return node
+    kind = str(device).split(":")[0]
+    return {"_target_": node.get(kind, node["cpu"])}  # an unknown device is refused with its own key
 
 
 def _component(group: str, node: dict[str, Any]) -> Component:

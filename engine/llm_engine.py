@@ -18,7 +18,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import PageAllocator, pages_for_budget
 from engine.kv_manager import KVManager
-from engine.model_runner import build_runner, kv_heads_per_rank
+from engine.model_runner import build_runner, kv_heads_per_rank, max_model_len
 from engine.models.loader import load_config
 from engine.models.source import ModelSource
 from engine.outputs import StepOutput
@@ -57,12 +57,7 @@ class LLMEngine:
         s = cfg.scheduler
         self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
-        # The longest sequence must fit the pool on its own, so a lone request can always finish.
-        self.max_model_len = min(
-            cfg.model.max_model_len or mc.max_position_embeddings,
-            mc.max_position_embeddings,
-            self.allocator.capacity * page_size,
-        )
+        self.max_model_len = max_model_len(cfg, mc, self.pool.num_pages)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.grammars = GrammarBackend(source, mc.vocab_size)

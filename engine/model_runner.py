@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import CompileConfig, EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 from engine.kv_cache import SCRATCH_PAGE, KVPool
 from engine.models.loader import build_model
@@ -65,6 +66,7 @@ class ModelRunner:
         device: torch.device,
         compile_cfg: CompileConfig,
         prefill_tokens: int,
+        max_model_len: int,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -78,6 +80,14 @@ class ModelRunner:
         self.graphs = StepGraphs(
             model, self._logits_at_every_token, self._logits_at_rows, backend, compile_cfg, device, prefill_tokens
         )
+        self.decode_graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and compile_cfg.cuda_graphs and self.tp.size == 1 and backend.cuda_graph_safe:
+            # Captured now, and the prefill graph built now, so no request waits for a compilation.
+            decode = self.graphs.decode or self._logits_at_every_token
+            max_pages = -(-max_model_len // page_size)
+            self.decode_graphs = DecodeGraphs(decode, backend, list(self.buckets), max_pages, page_size, device)
+            if self.graphs.prefill is not None:
+                self.graphs.warm_prefill(self.graphs.prefill)
 
     @property
     def compiled_ready(self) -> threading.Event:
@@ -96,44 +106,48 @@ class ModelRunner:
     # -- planning (rank 0) ---------------------------------------------------------------------------
 
     def _paged_batch(self, batch: ScheduledBatch, pad_rows: int) -> tuple[torch.Tensor, PagedBatch]:
+        """The step's inputs, built on the host from the sequences' lists and moved in one non-blocking copy
+        (nothing here reads the device)."""
         ps = self.page_size
         ids: list[int] = []
         positions: list[int] = []
+        slots: list[int] = []
         pad_index: list[int] = []
         max_q = self.backend.padded_query_len(max(batch.num_new_tokens))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
+            start, pages = seq.num_computed_tokens, seq.pages
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
+            slots.extend(pages[p // ps] * ps + p % ps for p in range(start, start + n))
             pad_index.extend(range(row * max_q, row * max_q + n))
+        query_lens = list(batch.num_new_tokens)
         seq_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
         # Padding rows (bucketed decode) read and write only the scratch page at position 0.
         ids += [0] * pad_rows
         positions += [0] * pad_rows
-        seq_lens += [1] * pad_rows
+        slots += [SCRATCH_PAGE * ps] * pad_rows
+        all_lens = seq_lens + [1] * pad_rows
         width = self.backend.padded_pages(max(len(s.pages) for s in batch.seqs))
-        table = [s.pages + [SCRATCH_PAGE] * (width - len(s.pages)) for s in batch.seqs]
-        table += [[SCRATCH_PAGE] * width] * pad_rows
-
-        dev = self.device
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        table_t = torch.tensor(table, dtype=torch.long, device=dev)
-        rows = torch.tensor(
-            [r for r, n in enumerate(batch.num_new_tokens) for _ in range(n)]
-            + list(range(len(batch.seqs), len(batch.seqs) + pad_rows)),
-            dtype=torch.long,
-            device=dev,
-        )
-        slots = table_t[rows, pos_t // ps] * ps + pos_t % ps
+        table = [p for s in batch.seqs for p in s.pages + [SCRATCH_PAGE] * (width - len(s.pages))]
+        table += [SCRATCH_PAGE] * (width * pad_rows)
+        if max_q == 1:
+            pad_index = []
+        parts = [ids, positions, slots, all_lens, table, pad_index]
+        flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        ids_t, pos_t, slot_t, lens_t, table_t, pad_t = flat.split([len(p) for p in parts])
         paged = PagedBatch(
             positions=pos_t,
-            slot_mapping=slots,
-            page_table=table_t,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            slot_mapping=slot_t,
+            page_table=table_t.view(len(all_lens), width),
+            seq_lens=lens_t,
             max_query_len=max_q,
-            pad_index=None if max_q == 1 else torch.tensor(pad_index, dtype=torch.long, device=dev),
+            pad_index=None if max_q == 1 else pad_t,
+            query_lens=query_lens + [1] * pad_rows,
+            host_seq_lens=all_lens,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), paged
+        return ids_t, paged
 
     def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[_PromptLogprobJob]]:
         sampling_rows = batch.sampling_rows
@@ -190,6 +204,11 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step, which rows those are, and prompt logprobs by row."""
+        graphs, seqs = self.decode_graphs, batch.seqs
+        if graphs is not None and batch.is_decode_only and graphs.bucket(len(seqs)) is not None:
+            positions = [s.num_computed_tokens for s in seqs]
+            logits = graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, [s.pages for s in seqs])
+            return logits[: len(seqs)], batch.sampling_rows, {}
         plan, sampling_rows, jobs = self.plan(batch)
         if self.tp.size > 1:
             dist.broadcast_object_list([plan], src=0)
@@ -246,4 +265,20 @@ def build_runner(
     pool = KVPool(mc.num_layers, kv_heads_per_rank(mc, tp), mc.head_dim, num_pages, page_size, dtype, device)
     backend = cfg.attention.build(k_cache=pool.k, v_cache=pool.v, page_size=page_size)
     model = build_model(source, mc, backend, dtype, device, tp, cfg.quant_mode)
-    return ModelRunner(model, backend, page_size, device, cfg.compile, cfg.scheduler.max_num_batched_tokens), pool
+    runner = ModelRunner(
+        model,
+        backend,
+        page_size,
+        device,
+        cfg.compile,
+        cfg.scheduler.max_num_batched_tokens,
+        max_model_len(cfg, mc, num_pages),
+    )
+    return runner, pool
+
+
+def max_model_len(cfg: EngineConfig, mc: ModelConfig, num_pages: int) -> int:
+    """The longest sequence: the configured or the model's limit, and no longer than the pool can hold on its
+    own (so a lone request can always finish)."""
+    limit = min(cfg.model.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return min(limit, (num_pages - 1) * cfg.kv_cache.page_size)

@@ -25,6 +25,7 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[T
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         # Unseeded requests draw from one engine-wide stream, so a run is reproducible from cfg.seed.
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(
@@ -37,17 +38,21 @@ class Sampler:
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
             logits = self._penalise(logits, seqs)
 
-        greedy = torch.tensor([p.greedy for p in params], device=device)
+        # Which stages run is decided from the parameters on the host: a device-side test would wait for the
+        # step to finish before the next could be prepared.
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):
             temperature = _column(seqs, "temperature", torch.float32, device).clamp(min=1e-5).unsqueeze(1)
             filtered = apply_top_k_top_p_min_p(
                 logits / temperature,
                 _column(seqs, "top_k", torch.long, device),
                 _column(seqs, "top_p", torch.float32, device),
                 _column(seqs, "min_p", torch.float32, device),
+                top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
+                min_p_used=any(p.min_p > 0 for p in params),
             )
-            sampled = sample_from_logits(filtered, self._noise(seqs, logits.shape[-1]).to(device))
+            sampled = sample_from_logits(filtered, self._noise(seqs, logits.shape[-1], device))
+            greedy = torch.tensor([p.greedy for p in params], device=device)
             tokens = torch.where(greedy, tokens, sampled)
 
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
@@ -61,11 +66,15 @@ class Sampler:
                 logprobs[i] = (lp, top[: params[i].top_logprobs])
         return tokens.tolist(), logprobs
 
-    def _noise(self, seqs: list[Sequence], vocab: int) -> torch.Tensor:
-        noise = torch.empty(len(seqs), vocab).exponential_(generator=self.generator)
+    def _noise(self, seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise per row, drawn where the logits are (a [B, V] host tensor copied to a GPU each step
+        would cost more than the step); seeded requests draw theirs from their own (host) generator."""
+        if device.type != self.generator.device.type:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        noise = torch.empty(len(seqs), vocab, device=device).exponential_(generator=self.generator)
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                noise[i].exponential_(generator=s.generator)
+                noise[i] = torch.empty(vocab).exponential_(generator=s.generator).to(device)
         return noise
 
     @staticmethod

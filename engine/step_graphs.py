@@ -167,7 +167,7 @@ class StepGraphs:
         if not self.cfg.prefill:
             return _named(decode, DECODE_LABEL), None
         # CUDA graphs would record one graph per token count; there the prefill graph only fuses kernels.
-        prefill = torch.compile(prefill_fn, **({} if self.device.type == "cuda" else options), dynamic=True)
+        prefill = torch.compile(prefill_fn, **options, dynamic=True)
         return _named(decode, DECODE_LABEL), _named(prefill, "prefill graph ({} tokens)")
 
     def warm_up(self, decode_fn: DecodeFn, prefill_fn: PrefillFn) -> None:
@@ -193,10 +193,7 @@ class StepGraphs:
                 with torch.inference_mode():
                     decode(ids, batch.positions, meta)
             if prefill is not None:
-                batch = self._scratch_batch(1, self.prefill_tokens)
-                ids, rows = torch.zeros_like(batch.positions), batch.positions[-2:].clone()
-                with torch.inference_mode(), opaque_attention_step(self.backend, self.backend.prepare(batch)):
-                    prefill(ids, batch.positions, rows)
+                self.warm_prefill(prefill)
         except Exception:
             log.exception("compiling the step graphs failed; steps stay eager")
             return
@@ -206,6 +203,13 @@ class StepGraphs:
         self.decode, self.prefill = decode, prefill
         self.ready.set()
         log.info("step graphs compiled in %.0f s; steps now run compiled", time.perf_counter() - start)
+
+    def warm_prefill(self, prefill: PrefillFn) -> None:
+        """Build the prefill graph at a full chunk on rows that touch only the scratch page."""
+        batch = self._scratch_batch(1, self.prefill_tokens)
+        ids, rows = torch.zeros_like(batch.positions), batch.positions[-2:].clone()
+        with torch.inference_mode(), opaque_attention_step(self.backend, self.backend.prepare(batch)):
+            prefill(ids, batch.positions, rows)
 
     def eager(self) -> contextlib.AbstractContextManager:
         """Wrap an eager step: excludes tracing on the warm-up thread while one runs (see _TRACING)."""
@@ -227,6 +231,8 @@ class StepGraphs:
             seq_lens=torch.full((rows,), tokens, dtype=torch.long, device=dev),
             max_query_len=length,
             pad_index=pad_index,
+            query_lens=[tokens] * rows,
+            host_seq_lens=[tokens] * rows,
         )
 
 
@@ -266,7 +272,8 @@ def compile_options(cfg: CompileConfig, device: torch.device, tune_float_gemms: 
     if cfg.mode != "auto":
         return {"mode": cfg.mode}
     if device.type == "cuda":
-        return {"mode": "reduce-overhead"}
+        # Inductor's defaults: CUDA graphs are captured by the engine (engine/cuda_graphs.py) or not at all.
+        return {"options": {"triton.cudagraphs": False}}
     options = dict(cfg.cpu)
     if not tune_float_gemms:
         # A quantized model has no float GEMM to tune: with these on, the int8 SmolLM2 decode graph

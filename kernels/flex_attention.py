@@ -26,6 +26,7 @@ def _flex_outside_caller_graph(q, k, v, block_mask):
 
 class FlexPagedAttention(PagedAttentionBase):
     supports_dynamic_shapes = False
+    cuda_graph_safe = False  # its block mask's span is read from the page table on the host
 
     def __init__(
         self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int, kv_block_size: int = 128

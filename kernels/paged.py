@@ -24,6 +24,10 @@ class PagedBatch:
     seq_lens: torch.Tensor  # [B] tokens with K/V once this step is done
     max_query_len: int
     pad_index: torch.Tensor | None  # [T] row * max_query_len + offset; None when every row has one token
+    # The rows' query and sequence lengths on the host, for backends that plan a step's calls there (reading
+    # them back from the device would wait for it). Compiled decode steps never read them.
+    query_lens: list[int] | None = None
+    host_seq_lens: list[int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +56,7 @@ class PagedAttentionBase(ABC):
     """
 
     supports_dynamic_shapes = True  # may a compiled caller trace it with symbolic sizes?
+    cuda_graph_safe = True  # may a decode step through it be captured in a CUDA graph (no host reads)?
 
     def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int) -> None:
         self.k_cache, self.v_cache, self.page_size = k_cache, v_cache, page_size

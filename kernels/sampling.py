@@ -29,11 +29,17 @@ def apply_penalties(
 
 
 def apply_top_k_top_p_min_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    top_k_or_p: bool = True,
+    min_p_used: bool = True,
 ) -> torch.Tensor:
-    """Mask (to -inf) what top-k, then top-p, then min-p would drop. top_k == 0 disables it per row."""
+    """Mask (to -inf) what top-k, then top-p, then min-p would drop. top_k == 0 disables it per row.
+    `top_k_or_p` / `min_p_used` False (the caller knows no row asks for them) skip those stages."""
     vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if top_k_or_p:
         sorted_logits, _ = logits.sort(dim=-1, descending=True)
         k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
         kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
@@ -44,7 +50,7 @@ def apply_top_k_top_p_min_p(
         keep = mass_above < top_p.unsqueeze(1)
         cutoff = torch.where(keep, sorted_logits, float("inf")).amin(dim=-1, keepdim=True)
         logits = logits.masked_fill((logits < kth) | (logits < cutoff), float("-inf"))
-    if bool((min_p > 0).any()):
+    if min_p_used:
         probs = logits.softmax(dim=-1)
         threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(probs < threshold, float("-inf"))

@@ -39,8 +39,7 @@ class SDPAAttention(PagedAttentionBase):
         512-token step with 47 decode rows ran 2x slower that way)."""
         if batch.pad_index is None:
             return batch, [Part(None, batch, self._mask(batch))]
-        query_lens = torch.bincount(batch.pad_index // batch.max_query_len, minlength=batch.batch_size).tolist()
-        seq_lens = batch.seq_lens.tolist()
+        query_lens, seq_lens = batch.query_lens, batch.host_seq_lens
         starts = list(itertools.accumulate([0, *query_lens]))
         shapes: dict[tuple[int, int], list[int]] = {}
         for row, n in enumerate(query_lens):

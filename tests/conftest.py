@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def pytest_configure(config) -> None:
     name = config.getoption("--device")
     if name != "cpu" and not (name == "cuda" and torch.cuda.is_available()):
         raise pytest.UsageError(f"--device={name!r} is not available here (cpu, or cuda with a GPU)")
+    if name == "cpu":
+        # The Triton attention kernel (a GPU backend) runs on CPU tensors under Triton's interpreter; it
+        # must be set before triton.jit decorates the kernel, i.e. before the tests import it.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ graphs that stay with their own model."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -46,18 +47,34 @@ def test_paged_decode_attention_matches_sdpa(dtype, device):
     assert torch.allclose(got.float(), want, atol=tol), (got.float() - want).abs().max()
 
 
-def test_mixed_step_attention_matches_each_row_alone(device):
-    """A step mixing whole prompts (two of one length, so they share a call), a chunk after a cached
-    prefix and single-token rows: each row's output equals causal attention over its own context."""
+BACKENDS = {
+    "sdpa": "engine.kernels.sdpa_attention.SDPAAttention",
+    "triton": "engine.kernels.triton_attention.TritonAttention",  # CPU: Triton's interpreter (conftest)
+}
+# (cached tokens, new tokens) per row
+MIXED_ROWS = [(0, 6), (0, 6), (0, 11), (9, 5), (14, 1), (3, 1), (0, 40), (21, 37)]
+DECODE_ROWS = [(0, 1), (4, 1), (12, 1), (23, 1), (16, 1), (70, 1)]
+
+
+def backend_class(name: str) -> type:
+    module, _, cls = BACKENDS[name].rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+@pytest.mark.parametrize("rows", [MIXED_ROWS, DECODE_ROWS], ids=["mixed", "decode"])
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_step_attention_matches_each_row_alone(name, rows, device):
+    """A step mixing whole prompts (two of one length, so SDPA gives them one call), a chunk after a cached
+    prefix, single-token rows and prompts longer than the Triton kernel's query block; and a decode-only
+    step (also through `decode`, the compiled path): each row's output equals causal attention over its own
+    context."""
     from engine.kernels.paged import PagedBatch
-    from engine.kernels.sdpa_attention import SDPAAttention
 
     torch.manual_seed(0)
-    kv_heads, group, dim, page_size, num_pages = 2, 3, 16, 4, 48
+    kv_heads, group, dim, page_size, num_pages = 2, 3, 16, 4, 64
     k_cache = torch.randn(num_pages, page_size, kv_heads, dim, device=device)
     v_cache = torch.randn(num_pages, page_size, kv_heads, dim, device=device)
-    backend = SDPAAttention([k_cache], [v_cache], page_size)
-    rows = [(0, 6), (0, 6), (0, 11), (9, 5), (14, 1), (3, 1)]  # (cached tokens, new tokens) per row
+    backend = backend_class(name)([k_cache], [v_cache], page_size)
     width = max(-(-(c + n) // page_size) for c, n in rows)
     perm = (torch.randperm(num_pages - 1) + 1).tolist()
     table, positions, slots, pad_index = [], [], [], []
@@ -74,13 +91,19 @@ def test_mixed_step_attention_matches_each_row_alone(device):
         page_table=torch.tensor(table, device=device),
         seq_lens=torch.tensor([c + n for c, n in rows], device=device),
         max_query_len=longest,
-        pad_index=torch.tensor(pad_index, device=device),
+        pad_index=torch.tensor(pad_index, device=device) if longest > 1 else None,
+        query_lens=[n for _, n in rows],
+        host_seq_lens=[c + n for c, n in rows],
     )
     tokens = len(positions)
     q, k, v = (torch.randn(tokens, kv_heads * g, dim, device=device) for g in (group, 1, 1))
     meta = backend.prepare(batch)
-    assert len(meta[1]) == 4, "equal whole prompts share a call; the single-token rows share one"
+    if name == "sdpa" and longest > 1:
+        assert len(meta[1]) == 6, "equal whole prompts share a call; the single-token rows share one"
     got = backend.forward(backend.layer_cache(0), q, k, v, meta)
+    if longest == 1:
+        decoded = backend.decode(backend.layer_cache(0), q, k, v, backend.prepare_decode(batch))
+        assert torch.allclose(decoded, got, atol=1e-5)
 
     start = 0
     for r, (cached, n) in enumerate(rows):

@@ -9,6 +9,7 @@ and the server one differs from it only by what it starts, which is run here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -225,3 +226,13 @@ def run_against_server(code: str, tiny: Path, tmp: Path) -> str:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
+
+
+def test_gpu_report_smoke_run(tiny_qwen3, tmp_path):
+    """experiments/gpu_report.py's stages in tiny sizes on CPU: each runs and reports its figure."""
+    out = tmp_path / "gpu"
+    run([sys.executable, "experiments/gpu_report.py", "--smoke", "--model", str(tiny_qwen3), "--out", str(out)], {})
+    report = json.loads((out / "report.json").read_text())
+    assert report["tests"]["rc"] == 0, report["tests"]
+    assert report["start_cold"]["first_token_s"] > 0 and report["start_warm"]["first_token_s"] > 0
+    assert report["throughput"]["tokens_per_s"] > 0 and report["batch1"]["tokens_per_s"] > 0
