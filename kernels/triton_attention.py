@@ -34,7 +34,7 @@ if triton is not None:
         page_table_ptr, seq_lens_ptr, query_start_ptr, block_row_ptr, block_first_ptr,
         scale,
         stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-        stride_ot, stride_oh, stride_pt,
+        stride_ot, stride_oh, stride_pt, stride_sl,
         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DECODE: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
@@ -50,7 +50,7 @@ if triton is not None:
             first = tl.load(block_first_ptr + block)  # this block's first query, counted within its row
             q_start = tl.load(query_start_ptr + row)
             q_len = tl.load(query_start_ptr + row + 1) - q_start
-        seq_len = tl.load(seq_lens_ptr + row)
+        seq_len = tl.load(seq_lens_ptr + row * stride_sl)  # strided in the CUDA graphs' static buffer
         context = seq_len - q_len  # tokens cached before this step's queries
 
         offs_m = tl.arange(0, BLOCK_M)
@@ -136,6 +136,7 @@ def triton_paged_attention(
         dim**-0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
+        seq_lens.stride(0),
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=dim, DECODE=decode, BLOCK_Q=block_q,
         BLOCK_M=_block_m(group, block_q), BLOCK_N=max(16, page_size),
     )  # fmt: skip

@@ -4,6 +4,7 @@ calls the same function on the same buffers instead of replaying a graph)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import PROMPTS, hf_greedy, trim_at_eos
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -93,14 +94,17 @@ def decode_graphs_for(llm: LLM, compiled: bool) -> DecodeGraphs:
     return DecodeGraphs(fn, runner.backend, [1, 2, 4, 8], max_pages, runner.page_size, runner.device)
 
 
-def test_decode_steps_through_the_static_buffers_match_transformers(tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
+@pytest.mark.parametrize("attention", ["auto", "triton"])
+def test_decode_steps_through_the_static_buffers_match_transformers(
+    attention, tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device
+):
     """Rows past the batch are padding in a bucket, the page table is the fixed width, batch 1 runs in the
     bucket of 2; greedy outputs stay token-identical to transformers, eager and compiled."""
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS[:5]]  # 5 rows: the bucket of 8 with 3 padding rows
     for compiled in (False, True):
         llm = LLM(
             str(tiny_qwen3), dtype=torch.float32, progress_bar=False, enforce_eager=not compiled, page_size=4,
-            device=device,
+            device=device, attention=attention,
         )  # fmt: skip
         graphs = decode_graphs_for(llm, compiled)
         llm.engine.runner.decode_graphs = graphs
