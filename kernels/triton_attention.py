@@ -36,7 +36,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_pt, stride_sl,
         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DECODE: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -79,7 +79,7 @@ if triton is not None:
                 mask=valid_n[:, None],
                 other=0.0,
             )
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             visible = valid_n[None, :] & (offs_n[None, :] <= position[:, None])
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -92,7 +92,7 @@ if triton is not None:
                 mask=valid_n[:, None],
                 other=0.0,
             )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
@@ -138,7 +138,10 @@ def triton_paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
         seq_lens.stride(0),
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=dim, DECODE=decode, BLOCK_Q=block_q,
-        BLOCK_M=_block_m(group, block_q), BLOCK_N=max(16, page_size),
+        # fp32 stays fp32 (tl.dot would take TF32 on a GPU: not token-exact against transformers in fp32)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # 64 slots per iteration: four pages' loads in flight instead of one (any page size dividing it)
+        BLOCK_M=_block_m(group, block_q), BLOCK_N=max(64, page_size),
     )  # fmt: skip
     return out
 
