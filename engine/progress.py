@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PROGRESS_EVERY_S = 5.0
+PROGRESS_EVERY_S = 4.0  # under 5 s of silence, with the logger's and the scheduler's jitter
 _active = 0  # Progress lines running now; a slow step is announced only when none is
 _active_lock = threading.Lock()
 
@@ -72,7 +72,7 @@ class _StepWatch:
     def _watch(self) -> None:
         announced: dict[int, float] = {}  # thread -> when its current step was last announced
         while True:
-            time.sleep(1.0)
+            time.sleep(min(1.0, PROGRESS_EVERY_S / 2))
             now = time.perf_counter()
             for thread, (log, label, started) in list(self.running.items()):
                 last = announced.get(thread, 0.0)

@@ -233,3 +233,28 @@ def test_a_slow_step_that_fails_says_so(monkeypatch, caplog):
         raise OSError("disk gone")
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "reading x ..." and lines[-1].startswith("reading x: failed in")
+
+
+def test_a_slow_step_is_announced_unless_a_progress_line_runs(monkeypatch, caplog):
+    """A step that outlasts PROGRESS_EVERY_S with nothing announcing it (a compilation no label caught, a
+    stall) gets its own lines; inside a labelled slow phase it stays quiet."""
+    import logging
+    import time
+
+    from engine import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.1)
+    log = logging.getLogger("engine.test")
+    caplog.set_level(logging.INFO, logger="engine.test")
+    with progress.slow_step(log, "a step of 3 tokens is still running"):
+        time.sleep(0.5)
+    announced = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("a step of 3 tokens is still running: ") for m in announced), announced
+    caplog.clear()
+    with progress.progress(log, "compiling x"), progress.slow_step(log, "quiet step"):
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if r.getMessage().startswith("quiet step")]
+    with progress.slow_step(log, "fast step"):
+        pass
+    time.sleep(0.3)
+    assert not [r for r in caplog.records if r.getMessage().startswith("fast step")]
