@@ -36,6 +36,7 @@ import engine
 from engine.config import ConfigError, EngineConfig
 from engine.engine_process import EngineClient, StepBatch
 from engine.frontend import Completion, OutputProcessor, TrackedRequest
+from engine.limits import RequestLimits, depth
 from engine.metrics import Metrics
 from engine.models.source import resolve_model, served_model_name
 from engine.openai_protocol import (
@@ -88,6 +89,27 @@ class Server:
         setup = f"{self.model_name}|{cfg.dtype}|{cfg.attention.target}|{cfg.compile.enabled}"
         self.fingerprint = "fp_" + hashlib.sha1(setup.encode()).hexdigest()[:10]
         self.shutting_down = False
+        self.in_flight: dict[str, int] = {}  # requests per client address, for server.limits.per_client
+
+    def admit(self, client: str) -> Callable[[], None]:
+        """Count a request of `client` in flight (429 beyond server.limits.per_client); returns its release."""
+        limit = self.cfg.server.limits.per_client
+        if limit is not None and self.in_flight.get(client, 0) >= limit:
+            raise APIError(
+                429,
+                f"too many requests in flight from this client: at most {limit} (server.limits.per_client)",
+                "rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight[client] = self.in_flight.get(client, 0) + 1
+
+        def release() -> None:
+            left = self.in_flight.pop(client) - 1
+            if left:
+                self.in_flight[client] = left
+
+        return release
 
     # -- engine events (on the event loop) -----------------------------------------------------------
 
@@ -275,11 +297,31 @@ def _server(request: Request) -> Server:
     return request.app.state.server
 
 
-async def _parse(request: Request, model_name: str) -> dict[str, Any]:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes (declared or received)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is over {limit} bytes (server.limits.body_bytes)", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                413, f"the request body is over {limit} bytes (server.limits.body_bytes)", code="body_too_large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model_name: str, limits: RequestLimits) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await _read_body(request, limits.body_bytes))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # the parser's own limit, far below what a hostile body can nest
+        raise APIError(400, f"the request body nests deeper than {limits.json_depth}") from None
+    if depth(body) > limits.json_depth:
+        raise APIError(400, f"the request body nests deeper than {limits.json_depth} (server.limits.json_depth)")
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     model = body.get("model")
@@ -313,8 +355,36 @@ def _prompts(server: Server, body: dict[str, Any], chat: bool, tools: ToolReques
 
 async def _generate(request: Request, chat: bool) -> Response:
     server = _server(request)
-    body = await _parse(request, server.model_name)
-    params = sampling_params(body, chat)
+    release = server.admit(request.client.host if request.client else "")
+    streaming = False
+    try:
+        response = await _respond(server, request, chat)
+        streaming = isinstance(response, StreamingResponse)
+        if streaming:
+            response.body_iterator = _released_after(response.body_iterator, release)
+        return response
+    finally:
+        if not streaming:
+            release()
+
+
+async def _released_after(chunks: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        release()
+
+
+async def _respond(server: Server, request: Request, chat: bool) -> Response:
+    limits = server.cfg.server.limits
+    body = await _parse(request, server.model_name, limits)
+    try:
+        limits.check_body(body)
+        params = sampling_params(body, chat)
+        limits.check_params(params)
+    except InvalidParameter as e:
+        raise APIError(400, str(e), param=e.param) from None
     tools = parse_tool_request(body) if chat else None
     if tools is not None and tools.forced:  # the output is one call: constrain it to the call's schema
         params = dataclasses.replace(params, json_schema=tools.call_schema(), regex=None, grammar=None)
@@ -323,6 +393,10 @@ async def _generate(request: Request, chat: bool) -> Response:
         params = dataclasses.replace(params, max_tokens=max(1, server.client.info.max_model_len - len(prompts[0][1])))
     header = ResponseHeader.new("chatcmpl" if chat else "cmpl", server.model_name, server.fingerprint)
     submitted_at = time.perf_counter()
+    try:
+        limits.check_work([len(ids) for _, ids in prompts], params)
+    except InvalidParameter as e:
+        raise APIError(400, str(e), param=e.param) from None
     requests, events = server.submit(prompts, params, chat)
     if body.get("stream"):
         body_iter = server.stream(requests, events, header, chat, stream_options(body), submitted_at, tools)
@@ -342,7 +416,7 @@ async def completions(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     server = _server(request)
-    return JSONResponse(openapi_document(server.model_name, server.client.info.vocab_size))
+    return JSONResponse(openapi_document(server.model_name, server.client.info.vocab_size, server.cfg.server.limits))
 
 
 async def chat_page(request: Request) -> Response:
@@ -379,7 +453,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def api_error(request: Request, exc: APIError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -23,6 +23,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from engine.limits import RequestLimits
+
 if TYPE_CHECKING:
     import torch
 
@@ -216,9 +218,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    limits: RequestLimits = RequestLimits()  # also what the offline LLM applies to its requests
 
     def __post_init__(self) -> None:
         _require(_is_int(self.port) and 0 <= self.port < 65536, "server.port", self.port, "must be in [0, 65535]")
+        if isinstance(self.limits, Mapping):
+            object.__setattr__(self, "limits", RequestLimits(**self.limits))
 
 
 # ------------------------------------------------------------------------------------------------ root

@@ -267,6 +267,9 @@ class EngineClient:
         """Ask the engine to stop; kill it if it has not within `timeout` (it only reads its inbox between
         steps, and a compilation can take minutes). Its tensor-parallel ranks follow it out on their own."""
         self.stopping = True
+        # What is still queued for the engine is dropped at exit instead of joined: a large request queued for
+        # an engine that no longer reads kept the HTTP process alive, blocked writing into the full pipe.
+        self.inbox.cancel_join_thread()
         if self.process.is_alive():
             self.inbox.put(Shutdown())
             self.process.join(timeout=timeout)

@@ -111,6 +111,9 @@ class LLM:
     def _submit(
         self, prompt: str | None, ids: list[int], params: SamplingParams, sink: Sink | None = None
     ) -> TrackedRequest:
+        limits = self.config.server.limits  # the server's bounds hold offline too
+        limits.check_params(params)
+        limits.check_work([len(ids)], params)
         with self._lock:
             req = self.frontend.track(prompt, ids, params, sink)
             try:

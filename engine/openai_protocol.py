@@ -26,9 +26,11 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -66,6 +68,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "skip_special_tokens": ((bool,), "a boolean"),
     "include_stop_str_in_output": ((bool,), "a boolean"),
     "priority": ((int,), "an integer"),
+    "logit_bias": ((dict,), "an object mapping token ids to numbers"),
 }
 
 
@@ -99,6 +102,9 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
             if not 0 <= k <= 5:
                 raise APIError(400, f"'logprobs' must be in [0, 5], got {k}", param="logprobs")
             kwargs["logprobs"], kwargs["top_logprobs"] = True, k
+    best_of = _expect(body, "best_of", (int,), "an integer")
+    if best_of is not None and best_of != kwargs.get("n", 1):
+        raise APIError(400, f"'best_of' must equal n (other values are not supported), got {best_of}", param="best_of")
     kwargs.update(constraint(body))
     try:
         return SamplingParams(**kwargs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.sampling_params import MAX_TOP_LOGPROBS
+from engine.limits import RequestLimits
+from engine.sampling_params import LOGIT_BIAS_RANGE, RANGES
 
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
@@ -16,35 +17,46 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _number(minimum: float, maximum: float | None = None, exclusive_min: bool = False) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "number", ("exclusiveMinimum" if exclusive_min else "minimum"): minimum}
-    if maximum is not None:
-        schema["maximum"] = maximum
-    return _nullable(schema)
+def _ranged(name: str) -> dict[str, Any]:
+    """A numeric field as SamplingParams checks it (sampling_params.RANGES)."""
+    kind, low, high, exclusive = RANGES[name]
+    schema: dict[str, Any] = {"type": kind}
+    if low is not None:
+        schema["exclusiveMinimum" if exclusive else "minimum"] = low
+    if high is not None:
+        schema["maximum"] = high
+    return schema
 
 
-# Shared by both routes: OpenAI's sampling fields, then the engine's (vLLM's) extensions.
-_SAMPLING: dict[str, Any] = {
-    "max_tokens": _nullable({"type": "integer", "minimum": 1}),
-    "temperature": _number(0, 2),
-    "top_p": _number(0, 1, exclusive_min=True),
-    "n": _nullable({"type": "integer", "minimum": 1, "maximum": 16}),
-    "stop": _nullable({"anyOf": [_STR, {"type": "array", "items": _STR, "maxItems": 4}]}),
-    "stream": _nullable(_BOOL),
-    "stream_options": _nullable({"type": "object", "properties": {"include_usage": _BOOL}}),
-    "presence_penalty": _number(-2, 2),
-    "frequency_penalty": _number(-2, 2),
-    "seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1}),
-    "user": _STR,
-    "top_k": _nullable({"type": "integer", "minimum": -1}),
-    "min_p": _number(0, 1),
-    "repetition_penalty": _number(0, None, exclusive_min=True),
-    "ignore_eos": _nullable(_BOOL),
-    "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0}}),
-    "skip_special_tokens": _nullable(_BOOL),
-    "include_stop_str_in_output": _nullable(_BOOL),
-    "priority": _nullable({**_INT, "description": "scheduler=priority admits lower values first"}),
-}
+def _sampling(limits: RequestLimits) -> dict[str, Any]:
+    """Both routes' sampling fields, OpenAI's then the engine's (vLLM's), with the bounds that are enforced:
+    SamplingParams' ranges and the server's limits."""
+    stop = {**_STR, "minLength": 1, "maxLength": limits.stop_length}
+    low, high = LOGIT_BIAS_RANGE
+    return {
+        **{name: _nullable(_ranged(name)) for name in RANGES if name not in ("top_logprobs", "priority")},
+        "n": _nullable({**_ranged("n"), "maximum": limits.n}),
+        "best_of": _nullable({**_INT, "description": "must equal n"}),
+        "stop": _nullable({"anyOf": [stop, {"type": "array", "items": stop, "maxItems": limits.stop}]}),
+        "logit_bias": _nullable(
+            {
+                "type": "object",
+                "maxProperties": limits.logit_bias,
+                "propertyNames": {"pattern": "^[0-9]{1,11}$"},
+                "additionalProperties": {"type": "number", "minimum": low, "maximum": high},
+            }
+        ),
+        "stream": _nullable(_BOOL),
+        "stream_options": _nullable({"type": "object", "properties": {"include_usage": _BOOL}}),
+        "seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1}),
+        "user": _STR,
+        "ignore_eos": _nullable(_BOOL),
+        "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0}}),
+        "skip_special_tokens": _nullable(_BOOL),
+        "include_stop_str_in_output": _nullable(_BOOL),
+        "priority": _nullable({**_ranged("priority"), "description": "scheduler=priority admits lower values first"}),
+    }
+
 
 _TEXT_PART = {
     "type": "object",
@@ -61,21 +73,24 @@ _MESSAGE = {
     "required": ["role", "content"],
 }
 
-CHAT_REQUEST = {
-    "type": "object",
-    "properties": {
-        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-        **_SAMPLING,
-        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
-        "logprobs": _nullable(_BOOL),
-        "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
-        "chat_template_kwargs": _nullable({"type": "object", "description": "passed to the chat template"}),
-    },
-    "required": ["messages"],
-}
+
+def _chat_request(limits: RequestLimits) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": limits.messages},
+            **_sampling(limits),
+            "max_completion_tokens": _nullable(_ranged("max_tokens")),
+            "logprobs": _nullable(_BOOL),
+            "top_logprobs": _nullable(_ranged("top_logprobs")),
+            "chat_template_kwargs": _nullable({"type": "object", "description": "passed to the chat template"}),
+            "tools": _nullable({"type": "array", "items": {"type": "object"}, "maxItems": limits.tools}),
+        },
+        "required": ["messages"],
+    }
 
 
-def _completion_request(vocab_size: int) -> dict[str, Any]:
+def _completion_request(vocab_size: int, limits: RequestLimits) -> dict[str, Any]:
     tokens = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}, "minItems": 1}
     text = {"type": "string", "minLength": 1}
     return {
@@ -89,7 +104,7 @@ def _completion_request(vocab_size: int) -> dict[str, Any]:
                     {"type": "array", "items": tokens, "minItems": 1},
                 ]
             },
-            **_SAMPLING,
+            **_sampling(limits),
             "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5}),
         },
         "required": ["prompt"],
@@ -119,6 +134,8 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         400: "invalid request",
         401: "missing or wrong API key",
         404: "unknown model",
+        413: "request body over server.limits.body_bytes",
+        429: "over server.limits.per_client requests in flight (Retry-After says when to retry)",
         500: "engine failure",
         503: "engine not running or shutting down",
     }
@@ -144,18 +161,19 @@ def _generation_route(summary: str, body_schema: str, response_object: str) -> d
                     "description": f"a {response_object} object, or with stream: true server-sent chunks",
                     "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
                 },
-                **_error_responses(400, 401, 404, 500, 503),
+                **_error_responses(400, 401, 404, 413, 429, 500, 503),
             },
         }
     }
 
 
-def openapi_document(model: str, vocab_size: int) -> dict[str, Any]:
+def openapi_document(model: str, vocab_size: int, limits: RequestLimits) -> dict[str, Any]:
     """The document for a server serving `model` (the only value `model` may take in a request), whose
-    token ids are below `vocab_size`."""
+    token ids are below `vocab_size`, under these request limits."""
     model_field = {"model": {"type": "string", "enum": [model], "description": "the served model's id"}}
-    chat = {**CHAT_REQUEST, "properties": {**model_field, **CHAT_REQUEST["properties"]}}
-    completion = _completion_request(vocab_size)
+    chat = _chat_request(limits)
+    chat["properties"] = {**model_field, **chat["properties"]}
+    completion = _completion_request(vocab_size, limits)
     completion["properties"] = {**model_field, **completion["properties"]}
     return {
         "openapi": "3.1.0",

@@ -37,6 +37,8 @@ class Sampler:
         raw = logits if raw is None else raw
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
             logits = self._penalise(logits, seqs)
+        if any(p.logit_bias for p in params):
+            logits = self._bias(logits, params)
 
         # Which stages run is decided from the parameters on the host: a device-side test would wait for the
         # step to finish before the next could be prepared.
@@ -76,6 +78,16 @@ class Sampler:
             if s.generator is not None:
                 noise[i] = torch.empty(vocab).exponential_(generator=s.generator).to(device)
         return noise
+
+    @staticmethod
+    def _bias(logits: torch.Tensor, params: list) -> torch.Tensor:
+        """OpenAI's logit_bias: each row's entries added to its logits (in a copy)."""
+        rows = [i for i, p in enumerate(params) for _ in (p.logit_bias or {})]
+        cols = [t for p in params for t in (p.logit_bias or {})]
+        values = [v for p in params for v in (p.logit_bias or {}).values()]
+        index = torch.tensor([rows, cols], device=logits.device)
+        bias = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        return logits.index_put((index[0], index[1]), bias, accumulate=True)
 
     @staticmethod
     def _penalise(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -7,6 +7,23 @@ from dataclasses import dataclass, field, fields
 
 MAX_TOP_LOGPROBS = 20
 
+# The numeric fields' JSON type and bounds: (type, minimum, maximum, minimum exclusive). SamplingParams checks
+# them and the OpenAPI document (engine/openapi.py) advertises them from here, so the two cannot differ.
+RANGES: dict[str, tuple[str, float | None, float | None, bool]] = {
+    "n": ("integer", 1, None, False),
+    "max_tokens": ("integer", 1, None, False),
+    "temperature": ("number", 0, None, False),  # 0: greedy
+    "top_p": ("number", 0, 1, True),
+    "top_k": ("integer", -1, None, False),  # 0 or -1: disabled
+    "min_p": ("number", 0, 1, False),
+    "presence_penalty": ("number", -2, 2, False),
+    "frequency_penalty": ("number", -2, 2, False),
+    "repetition_penalty": ("number", 0, None, True),
+    "top_logprobs": ("integer", 0, MAX_TOP_LOGPROBS, False),
+    "priority": ("integer", None, None, False),
+}
+LOGIT_BIAS_RANGE = (-100, 100)
+
 
 class InvalidParameter(ValueError):
     """A request parameter with a bad value; `param` names it (the OpenAI error body's "param")."""
@@ -37,6 +54,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # scheduler=priority admits lower values first (vLLM's convention)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
     # Constrained decoding (at most one): the output is a JSON value valid for this JSON schema (a dict or
     # its JSON text; {"type": "object"} for any object), a full match of this regex, or a sentence of this
     # grammar (llguidance's Lark syntax). Generation stops with "stop" once the constraint is complete.
@@ -51,6 +69,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.logit_bias, dict):  # JSON object keys are strings: "50256" is token 50256
+            self.logit_bias = {_token_key(k): v for k, v in self.logit_bias.items()}
         if self.top_logprobs:
             self.logprobs = True
         self._validate()
@@ -59,33 +79,17 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidParameter:
             return InvalidParameter(name, f"invalid {name}={getattr(self, name)!r}: {why}")
 
-        for name in ("n", "max_tokens", "top_k", "top_logprobs", "priority"):
+        for name, (kind, low, high, exclusive) in RANGES.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise bad(name, "must be an integer")
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else (int, float)):
+                raise bad(name, f"must be {'an integer' if kind == 'integer' else 'a number'}")
+            if value != value:
                 raise bad(name, "must be a number")
-        if self.n < 1:
-            raise bad("n", "must be at least 1")
-        if self.max_tokens < 1:
-            raise bad("max_tokens", "must be at least 1")
-        if self.temperature < 0:
-            raise bad("temperature", "must be non-negative")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            raise bad("top_k", "must be 0 or -1 (disabled) or a positive integer")
-        if not 0 <= self.min_p <= 1:
-            raise bad("min_p", "must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise bad(name, "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be positive")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+            below = low is not None and (value <= low if exclusive else value < low)
+            if below or (high is not None and value > high):
+                raise bad(
+                    name, f"must be in {'(' if exclusive else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+                )
         if self.prompt_logprobs is not None and not (
             isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
         ):
@@ -94,6 +98,12 @@ class SamplingParams:
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        if self.logit_bias is not None and not (
+            isinstance(self.logit_bias, dict)
+            and all(isinstance(k, int) and k >= 0 for k in self.logit_bias)
+            and all(_in_bias_range(v) for v in self.logit_bias.values())
+        ):
+            raise InvalidParameter("logit_bias", "invalid logit_bias: must map token ids to numbers in [-100, 100]")
         if self.seed is not None and (
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
         ):
@@ -141,6 +151,18 @@ class SamplingParams:
         return cls(**kwargs)
 
 
+def _in_bias_range(value: object) -> bool:
+    low, high = LOGIT_BIAS_RANGE
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _token_key(key: object) -> object:
+    """A logit_bias key as a token id when it spells one; anything else is left for validation to refuse."""
+    if isinstance(key, str) and key.isdigit() and len(key) < 12:
+        return int(key)
+    return key
+
+
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
     """Raise InvalidParameter unless the request can run to completion in an engine of this shape."""
     if not prompt_token_ids:
@@ -148,6 +170,11 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
     if bad:
         raise InvalidParameter("prompt", f"invalid prompt token id(s) {bad[:5]}: must be integers in [0, {vocab_size})")
+    outside = [t for t in params.logit_bias or () if t >= vocab_size]
+    if outside:
+        raise InvalidParameter(
+            "logit_bias", f"invalid logit_bias token id(s) {outside[:5]}: must be below {vocab_size}"
+        )
     if len(prompt_token_ids) >= max_model_len:
         raise InvalidParameter(
             "prompt",

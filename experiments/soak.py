@@ -1,5 +1,6 @@
 """Soak test of the real server: many concurrent streaming clients for a while, some hanging up mid-stream,
-some sending bad requests; then checks that nothing broke.
+some sending bad requests, some hostile ones (n=100000, 200,000 logit_bias entries, 10,000 stop strings,
+100,000 nested brackets); then checks that nothing broke.
 
     python experiments/soak.py                                         # 200 clients for 60 s
     python experiments/soak.py bench.clients=64 bench.duration_s=10 kv_cache.num_pages=64
@@ -42,6 +43,16 @@ BAD_REQUESTS = [
     ({"prompt": "word " * 20000}, 400),  # longer than any context here
     ("{not json", 400),
 ]
+
+
+def hostile_requests() -> list[tuple[str, int]]:
+    """Requests built to hold the engine or break the parser (issue #32), each refused at once with a 400."""
+    return [
+        (json.dumps({"prompt": "hi", "n": 100000}), 400),
+        (json.dumps({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(200000)}}), 400),
+        (json.dumps({"prompt": "hi", "stop": [f"s{i}" for i in range(10000)]}), 400),
+        ("[" * 100000, 400),
+    ]
 
 
 @dataclass
@@ -105,9 +116,10 @@ async def _stream(
     report.outputs.setdefault(index, set()).add("".join(pieces))
 
 
-async def _bad_request(http: httpx.AsyncClient, rng: random.Random, report: SoakReport) -> None:
-    body, status = rng.choice(BAD_REQUESTS)
-    content = body if isinstance(body, str) else json.dumps(body)
+async def _bad_request(
+    http: httpx.AsyncClient, rng: random.Random, report: SoakReport, choices: list[tuple[str, int]]
+) -> None:
+    content, status = rng.choice(choices)
     r = await http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
     error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
     if r.status_code != status or set(error) != {"message", "type", "param", "code"}:
@@ -124,10 +136,13 @@ async def run_clients(
     max_requests: int,
     disconnect_fraction: float,
     bad_fraction: float,
+    hostile_fraction: float,
     seed: int,
 ) -> SoakReport:
     """`clients` concurrent loops of requests until `duration_s` or `max_requests` is reached."""
     report = SoakReport()
+    bad = [(body if isinstance(body, str) else json.dumps(body), status) for body, status in BAD_REQUESTS]
+    hostile = hostile_requests() if hostile_fraction else []
     deadline = time.perf_counter() + duration_s
     sent = 0
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients)
@@ -139,8 +154,9 @@ async def run_clients(
             while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
                 try:
-                    if rng.random() < bad_fraction:
-                        await _bad_request(http, rng, report)
+                    draw = rng.random()
+                    if draw < bad_fraction + hostile_fraction:
+                        await _bad_request(http, rng, report, bad if draw < bad_fraction else hostile)
                         continue
                     index = rng.randrange(len(prompts))
                     prompt, max_tokens = prompts[index]
@@ -206,6 +222,7 @@ def soak(url: str, model: str, b: DictConfig) -> tuple[dict, list[str]]:
             b.max_requests,
             b.disconnect_fraction,
             b.bad_request_fraction,
+            b.hostile_fraction,
             b.seed,
         )
     )

@@ -14,10 +14,12 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from live_server import MODEL, running_server, wait_idle
 
+from engine.limits import RequestLimits
 from engine.openapi import openapi_document
 
 TINY_VOCAB = 151936  # the tiny Qwen3's (the real Qwen3 tokenizer's)
-schema = schemathesis.openapi.from_dict(openapi_document(MODEL, TINY_VOCAB))
+# The server's default limits: the fuzzer explores up to them and past them.
+schema = schemathesis.openapi.from_dict(openapi_document(MODEL, TINY_VOCAB, RequestLimits()))
 ANSWERS: Counter[tuple[str, int]] = Counter()  # (path, status) of every fuzzed request
 
 
@@ -29,7 +31,7 @@ def fuzz_server(tiny_qwen3, tmp_path_factory):
 
 
 def test_the_served_document_is_the_contract(fuzz_server):
-    assert httpx.get(f"{fuzz_server}/openapi.json").json() == openapi_document(MODEL, TINY_VOCAB)
+    assert httpx.get(f"{fuzz_server}/openapi.json").json() == openapi_document(MODEL, TINY_VOCAB, RequestLimits())
 
 
 @schema.parametrize()

@@ -23,3 +23,15 @@ def test_soak_keeps_every_stream_exact_and_the_pool_whole(tiny_qwen3, tmp_path):
     assert result["completed"] >= 20 and result["disconnected"] > 0 and result["bad_requests"] > 0, result
     assert result["mismatches"] == 0 and result["prompts_checked"] >= 10, result
     assert result["preemptions"] > 0, "the pool was meant to be too small for the load"
+
+
+def test_soak_with_hostile_clients_keeps_every_stream_exact(tiny_qwen3, tmp_path):
+    """10% of requests are hostile (issue #32): each is refused, and every well-formed stream still ends and
+    equals its solo output."""
+    with running_server(tiny_qwen3, tmp_path, "kv_cache.num_pages=40") as url:
+        settings = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "soak.yaml").bench
+        settings.update(clients=32, duration_s=5, max_requests=600, bad_request_fraction=0, hostile_fraction=0.1)
+        result, failures = soak(url, MODEL, settings)
+    assert failures == [], failures[:5]
+    assert result["bad_requests"] > 0 and result["completed"] >= 10, result
+    assert result["mismatches"] == 0, result
