@@ -35,19 +35,18 @@ from starlette.staticfiles import StaticFiles
 import engine
 from engine.config import ConfigError, EngineConfig
 from engine.engine_process import EngineClient, StepBatch
+from engine.errors import APIError, error_body
 from engine.frontend import Completion, OutputProcessor, TrackedRequest
 from engine.limits import RequestLimits, depth
 from engine.metrics import Metrics
 from engine.models.source import resolve_model, served_model_name
 from engine.openai_protocol import (
     SSE_DONE,
-    APIError,
     ResponseHeader,
     chat_messages,
     choice_logprobs,
     completion_prompts,
     delta_choice,
-    error_body,
     final_choice,
     max_tokens_given,
     object_name,
@@ -118,6 +117,7 @@ class Server:
             self.frontend.process(out)
         if batch.stats:
             self.metrics.update(batch.stats)
+            self.client.stats = batch.stats
 
     def on_death(self, reason: str) -> None:
         log.error("%s; failing in-flight requests", reason)
@@ -153,7 +153,7 @@ class Server:
         submitted_at = time.perf_counter()
 
         def sink(choice: Completion, delta: str, out: StepOutput) -> None:
-            self.metrics.tokens_arrived(choice.seq_id, len(out.new_token_ids), submitted_at)
+            self.metrics.tokens_arrived(choice.seq_id, len(out.new_token_ids), submitted_at, out.num_cached_tokens)
             if choice.finish_reason is not None:
                 self.metrics.sequence_ended(choice.seq_id)
             events.put_nowait((choice, delta, out, choice.finish_reason is not None))
@@ -441,6 +441,49 @@ async def models(request: Request) -> Response:
     )
 
 
+# What the SGLang model gateway (sglang-router) asks of a worker when it registers it and while it routes: seen
+# from sglang-router 0.3.2 (GET /health, /model_info and /server_info on registration, /get_load every 30 s
+# under power_of_two), answered in SGLang's shapes.
+async def model_info(request: Request) -> Response:
+    server = _server(request)
+    name = server.model_name
+    return JSONResponse({"model_path": name, "tokenizer_path": name, "served_model_name": name, "is_generation": True})
+
+
+async def server_info(request: Request) -> Response:
+    server = _server(request)
+    cfg, info = server.cfg, server.client.info
+    return JSONResponse(
+        {
+            "model_path": server.model_name,
+            "served_model_name": server.model_name,
+            "version": engine.__name__,
+            "max_total_num_tokens": info.stats["kv_pages_total"] * cfg.kv_cache.page_size,
+            "max_running_requests": cfg.scheduler.max_running_requests,
+            "max_model_len": info.max_model_len,
+            "page_size": cfg.kv_cache.page_size,
+            "tp_size": cfg.parallel.tp,
+            "dp_size": 1,
+        }
+    )
+
+
+async def get_load(request: Request) -> Response:
+    server = _server(request)
+    stats = server.client.stats
+    used = stats["kv_pages_total"] - stats["kv_pages_free"] - stats["kv_pages_evictable"]
+    tokens = used * server.cfg.kv_cache.page_size
+    return JSONResponse(
+        {
+            "dp_rank": 0,
+            "num_reqs": stats["running"] + stats["waiting"],
+            "num_waiting_reqs": stats["waiting"],
+            "num_tokens": tokens,
+            "load": tokens,  # the field earlier gateways read
+        }
+    )
+
+
 async def health(request: Request) -> Response:
     client = _server(request).client
     if client.alive:
@@ -477,6 +520,9 @@ ROUTES = [
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/model_info", model_info, methods=["GET"]),
+    Route("/server_info", server_info, methods=["GET"]),
+    Route("/get_load", get_load, methods=["GET"]),
 ]
 
 
@@ -594,6 +640,8 @@ def serve(cfg: EngineConfig) -> None:
             raise StartupError("interrupted while starting") from None
         raise
     server = Server(cfg, tokenizer, client)
+    server.metrics.update(info.stats)
+    server.metrics.describe_cache(cfg.kv_cache.page_size, info.stats["kv_pages_total"])
     app = create_app(server)
     mode = cfg.compile.mode if cfg.compile.enabled else "eager"
     log.info(

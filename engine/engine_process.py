@@ -12,10 +12,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from engine.config import EngineConfig
+from engine.lifecycle import exit_with_parent
 from engine.models.source import resolve_model
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
@@ -75,21 +74,6 @@ class EngineFailed:
 class StepBatch:
     outputs: list[StepOutput]
     stats: dict[str, int] = field(default_factory=dict)
-
-
-def exit_with_parent(interval: float = 0.5) -> None:
-    """End this process as soon as its parent is gone, whatever it is doing (a step, a compilation, a
-    collective): a watchdog thread, since the main thread may not look for minutes. Ctrl-C in a terminal
-    reaches the whole process group; the parent alone handles it and shuts its children down."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        os._exit(0)
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def engine_main(cfg: EngineConfig, inbox: mp.Queue, outbox: mp.Queue) -> None:

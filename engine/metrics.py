@@ -30,6 +30,23 @@ class Metrics:
             "engine_inter_token_latency_seconds", "Time between tokens of a sequence", buckets=_BUCKETS, registry=r
         )
         self.e2e = Histogram("engine_e2e_request_latency_seconds", "Request latency", buckets=_BUCKETS, registry=r)
+        self.cached_tokens = Counter(
+            "engine_prompt_tokens_cached", "Prompt tokens found in the prefix cache", registry=r
+        )
+        # What gateways read to pick a replica, under the names vLLM's and SGLang's servers use: the Kubernetes
+        # inference gateway's model-server protocol (queue length, KV-cache use), llm-d, vLLM's router.
+        self.gateway = [
+            (Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM's name)", registry=r), "waiting"),
+            (Gauge("vllm:num_requests_running", "Requests running (vLLM's name)", registry=r), "running"),
+            (Gauge("vllm:kv_cache_usage_perc", "KV-cache use, 0-1 (vLLM's name)", registry=r), "kv_usage"),
+            (Gauge("vllm:gpu_cache_usage_perc", "KV-cache use, 0-1 (vLLM's earlier name)", registry=r), "kv_usage"),
+            (Gauge("sglang:num_queue_reqs", "Requests waiting (SGLang's name)", registry=r), "waiting"),
+            (Gauge("sglang:num_running_reqs", "Requests running (SGLang's name)", registry=r), "running"),
+            (Gauge("sglang:token_usage", "KV-cache use, 0-1 (SGLang's name)", registry=r), "kv_usage"),
+        ]
+        self.cache_config = Gauge(
+            "vllm:cache_config_info", "KV-cache layout (vLLM's name)", ["block_size", "num_gpu_blocks"], registry=r
+        )
         self._last_token_at: dict[str, float] = {}  # seq_id -> when its latest token arrived
 
     def update(self, stats: dict[str, int]) -> None:
@@ -42,18 +59,28 @@ class Metrics:
         self.kv_cached.set(stats["kv_pages_cached"])
         self.decode_compiled.set(stats["decode_compiled"])
         self.preemptions.set(stats["preemptions"])
+        # Pages the prefix cache could give back count as free, as vLLM counts its evictable blocks.
+        values = {**stats, "kv_usage": 1 - free / max(1, stats["kv_pages_total"])}
+        for gauge, key in self.gateway:
+            gauge.set(values[key])
+
+    def describe_cache(self, page_size: int, pages: int) -> None:
+        self.cache_config.labels(block_size=str(page_size), num_gpu_blocks=str(pages)).set(1)
 
     def request_received(self, prompt_tokens: int) -> None:
         self.requests.inc()
         self.prompt_tokens.inc(prompt_tokens)
 
-    def tokens_arrived(self, seq_id: str, count: int, submitted_at: float) -> None:
-        """`count` new tokens of a sequence: its first ones count toward TTFT, later ones toward ITL."""
+    def tokens_arrived(self, seq_id: str, count: int, submitted_at: float, cached: int = 0) -> None:
+        """`count` new tokens of a sequence: its first ones count toward TTFT (and its prompt's `cached` tokens
+        toward the prefix cache's), later ones toward ITL."""
         if count == 0:
             return
         now = time.perf_counter()
         self.generated.inc(count)
         last = self._last_token_at.get(seq_id)
+        if last is None:
+            self.cached_tokens.inc(cached)
         (self.ttft if last is None else self.itl).observe(now - (submitted_at if last is None else last))
         self._last_token_at[seq_id] = now
 

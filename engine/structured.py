@@ -21,13 +21,12 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from engine.models.source import ModelSource
-    from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 # Compact JSON with fixed separators. With flexible whitespace a small model at temperature 1 filled its
@@ -36,7 +35,15 @@ log = logging.getLogger(__name__)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def grammar_of(params: SamplingParams) -> str | None:
+class Constrained(Protocol):
+    """What a constraint is read from (SamplingParams; not imported here, which imports this module)."""
+
+    json_schema: dict | str | None
+    regex: str | None
+    grammar: str | None
+
+
+def grammar_of(params: Constrained) -> str | None:
     """The llguidance grammar for the request's constraint, or None when it has none."""
     import llguidance
 
@@ -91,7 +98,7 @@ class GrammarBackend:
             self.failed = f"constrained decoding is unavailable: {type(e).__name__}: {e}"
         self.ready.set()
 
-    def matcher(self, params: SamplingParams) -> Any:
+    def matcher(self, params: Constrained) -> Any:
         """A fresh matcher for the request's constraint: a copy of the one built for the same grammar before
         (building takes 0.4-0.7 ms for the test schemas here, a copy ~0.01 ms)."""
         import llguidance

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from engine.openai_protocol import APIError
+from engine.errors import APIError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALLS = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig, compose_overrides
-from engine.engine_process import exit_with_parent
+from engine.lifecycle import exit_with_parent
 from engine.model_runner import build_runner
 from engine.models.loader import load_config
 from engine.models.source import resolve_model

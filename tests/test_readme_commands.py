@@ -39,6 +39,9 @@ SMOKE = {
     "soak.py": {"bench.clients": "4", "bench.duration_s": "2", "bench.distinct_prompts": "4"},
     "grammar_backends.py": {"bench.num_schemas": "3", "bench.steps": "4", "bench.batch_sizes": "[1,2]"},
     "structured_overhead.py": {"bench.batch": "4", "bench.decode_steps": "2", "bench.rounds": "1"},
+    "scale_out.py": {"bench.replicas": "[1]", "bench.policies": "[round_robin]", "bench.prefixes": "1",
+                     "bench.questions": "2", "bench.prefix_words": "8", "bench.max_tokens": "2",
+                     "bench.overhead_rounds": "1"},
     "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[int8,int4]", "bench.prompt_tokens": "4",
                            "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
                            "bench.repeats": "1"},
@@ -53,7 +56,7 @@ def shell_commands() -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README, re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
+            line = line.split("  #")[0].strip().removesuffix("&").strip()  # a trailing & only backgrounds it
             if line and not line.startswith("#"):
                 commands.append(line)
     return commands
@@ -241,3 +244,35 @@ def test_gpu_report_smoke_run(tiny_qwen3, tmp_path):
     assert report["tests"]["rc"] == 0, report["tests"]
     assert report["start_cold"]["first_token_s"] > 0 and report["start_warm"]["first_token_s"] > 0
     assert report["throughput"]["tokens_per_s"] > 0 and report["batch1"]["tokens_per_s"] > 0
+
+
+def test_gateway_commands(tiny_qwen3, tmp_path):
+    """The scaling-out block as written: two replicas on their ports, the gateway in front, a request through it."""
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README, re.S) if "sglang_router" in b)
+    lines = [line.split("  #")[0].strip().removesuffix("&").strip() for line in block.splitlines() if line.strip()]
+    procs = []
+    try:
+        for i, command in enumerate(c for c in lines if c.startswith("python server.py")):
+            port = int(re.search(r"server\.port=(\d+)", command).group(1))
+            procs.append(subprocess.Popen(server_args(command, tiny_qwen3, port, tmp_path / str(i)), cwd=ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+            wait_ready(procs[-1], f"http://127.0.0.1:{port}")
+        router = shlex.split(next(c for c in lines if "sglang_router" in c))
+        port = router[router.index("--port") + 1]
+        procs.append(
+            subprocess.Popen([sys.executable, *router[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=1).json().get("data"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.5)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
