@@ -17,7 +17,7 @@ import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -27,6 +27,12 @@ from engine.limits import RequestLimits
 
 if TYPE_CHECKING:
     import torch
+
+    from engine.kernels.paged import PagedAttentionBase
+    from engine.policies.base import AdmissionPolicy
+    from engine.prefix_cache import PrefixCache
+
+T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "attention", "cache", "scheduler", "quant")
@@ -66,7 +72,7 @@ def _is_int(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class Component:
+class Component(Generic[T]):
     """One choice of a swappable part: the class a config group's YAML targets, and its arguments.
 
     `build(**runtime)` constructs it with the objects only the engine has (the KV pool, the allocator).
@@ -86,14 +92,14 @@ class Component:
             found = False
         _require(found, f"{self.group}._target_", self.target, f"no module named {module!r}")
 
-    def resolve(self) -> type:
+    def resolve(self) -> type[T]:
         module, _, name = self.target.rpartition(".")
         try:
             return getattr(importlib.import_module(module), name)
         except AttributeError:
             raise ConfigError(f"{self.group}._target_", self.target, f"{module} has no {name}") from None
 
-    def build(self, **runtime: Any) -> Any:
+    def build(self, **runtime: Any) -> T:
         return self.resolve()(**self.kwargs, **runtime)
 
     @property
@@ -193,7 +199,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: Component  # admission order (engine/policies/)
+    policy: Component[AdmissionPolicy]  # admission order (engine/policies/)
     max_running_requests: int = 64
     max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
 
@@ -232,8 +238,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelSettings
-    attention: Component
-    cache: Component
+    attention: Component[PagedAttentionBase]
+    cache: Component[PrefixCache]
     scheduler: SchedulerConfig
     kv_cache: KVCacheConfig = KVCacheConfig()
     compile: CompileConfig = CompileConfig()

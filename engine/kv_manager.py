@@ -17,11 +17,6 @@ class KVManager:
         self.cache = prefix_cache
         self.page_size = page_size
 
-    @property
-    def num_available(self) -> int:
-        """Pages that could be handed out now: free ones plus unreferenced cached ones."""
-        return self.allocator.num_free + self.cache.evictable_pages
-
     def _alloc(self, n: int) -> list[int] | None:
         short = n - self.allocator.num_free
         if short > 0:

@@ -1,7 +1,8 @@
 """Runs one scheduled batch through the model: builds the flattened inputs, picks eager or compiled.
 
-Two graphs, both with dynamic shapes on CPU. Decode-only steps (every row has one new token) trace the
-whole step, attention included (on CUDA their batch is padded up to a bucket, one CUDA graph each).
+Two graphs, with dynamic shapes where the attention backend can be traced symbolically (sdpa, triton; flex
+gets static graphs per rounded shape). Decode-only steps (every row has one new token) trace the whole step,
+attention included; on CUDA they are replayed from CUDA graphs captured at start-up (engine/cuda_graphs.py).
 Steps carrying prefill chunks trace everything but attention, which stays one opaque eager op per layer
 (their request lengths and prefill/decode groups change every step); compiling the rest fuses the norms,
 RoPE, SiLU and residual adds that cost ~30% of an eager 512-token step here.

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer  # here: the engine process, which needs no tokenizer, skips it
+    # Imported here: transformers costs seconds, and the engine process loads a tokenizer only for its first
+    # constrained request (engine/structured.py).
+    from transformers import AutoTokenizer
 
     if not src.is_gguf:
         return AutoTokenizer.from_pretrained(str(src.path))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels.paged import LayerCache
+from engine.kernels.paged import LayerCache, PagedAttentionBase
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
 
 
@@ -136,7 +136,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: Any, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: PagedAttentionBase, tp: TPGroup) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.tp = tp
@@ -183,7 +183,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: Any, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: PagedAttentionBase, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx, backend, tp)
@@ -209,7 +209,7 @@ def run_layer(
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: Any, tp: TPGroup = TPGroup()) -> None:
+    def __init__(self, cfg: ModelConfig, backend: PagedAttentionBase, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         self.config = cfg
         self.tp = tp
