@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -42,32 +41,27 @@ from engine.metrics import Metrics
 from engine.models.source import resolve_model, served_model_name
 from engine.openai_protocol import (
     SSE_DONE,
+    ParsedRequest,
     ResponseHeader,
-    chat_messages,
     choice_logprobs,
-    completion_prompts,
     delta_choice,
     final_choice,
-    max_tokens_given,
     object_name,
+    parse_request,
     role_choice,
-    sampling_params,
     sse,
-    stream_options,
     tool_calls_choice,
     total_usage,
     usage_dict,
 )
 from engine.openapi import openapi_document
 from engine.outputs import StepOutput, TokenLogprob
-from engine.sampling_params import InvalidParameter, SamplingParams, check_request
-from engine.tokenizer import encode_chat, load_tokenizer
-from engine.tool_calls import ToolRequest, ToolStream, extract_calls, parse_tool_request
+from engine.tokenizer import load_tokenizer
+from engine.tool_calls import ToolRequest, ToolStream, extract_calls
 
 log = logging.getLogger("server")
 WEB_DIR = Path(engine.__file__).resolve().parent / "web"  # the chat page served at /
 
-Prompt = tuple[str | None, list[int]]  # (text if the client sent text, token ids)
 # (choice, newly visible text, the engine's output, whether it is the choice's last event). "Last" is fixed
 # when the event is made: by the time a stream reads it, later outputs may already have finished the choice.
 Event = tuple[Completion, str, StepOutput, bool]
@@ -134,21 +128,14 @@ class Server:
 
     # -- request life cycle --------------------------------------------------------------------------
 
-    def submit(
-        self, prompts: list[Prompt], params: SamplingParams, chat: bool = False
-    ) -> tuple[list[TrackedRequest], asyncio.Queue]:
+    def submit(self, parsed: ParsedRequest) -> tuple[list[TrackedRequest], asyncio.Queue]:
         """Track one request per prompt and send its choices to the engine; their outputs arrive on the
         returned queue."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", "server_error")
         if not self.client.alive:
             raise APIError(503, "the engine is not running", "server_error")
-        info = self.client.info
-        for _, ids in prompts:
-            try:
-                check_request(ids, params, info.vocab_size, info.max_model_len)
-            except InvalidParameter as e:
-                raise APIError(400, str(e), param="messages" if chat and e.param == "prompt" else e.param) from None
+        prompts, params = parsed.prompts, parsed.params
         events: asyncio.Queue[Event] = asyncio.Queue()
         submitted_at = time.perf_counter()
 
@@ -220,55 +207,74 @@ class Server:
 
     async def stream(
         self,
+        parsed: ParsedRequest,
         requests: list[TrackedRequest],
         events: asyncio.Queue,
         header: ResponseHeader,
-        chat: bool,
-        include_usage: bool,
         submitted_at: float,
-        tools: ToolRequest | None = None,
     ) -> AsyncIterator[str]:
         """The SSE body: a role chunk per chat choice, text deltas (tool calls held back and sent whole at
         the end), an optional usage chunk, [DONE]."""
-        n = requests[0].params.n
-        index = {c.seq_id: ri * n + c.index for ri, r in enumerate(requests) for c in r.choices}
-        owner = {c.seq_id: r for r in requests for c in r.choices}
-        held = {seq_id: ToolStream(tools) for seq_id in index} if tools is not None else {}
-        obj = object_name(chat, chunk=True)
-        usage_field = {"usage": None} if include_usage else {}  # OpenAI's chunks carry it, null until the last
-
-        def chunk(choice: dict[str, Any]) -> str:
-            return sse(header.wrap(obj, [choice], **usage_field))
-
+        choices = StreamedChoices(self, parsed, requests, header)
         try:
-            if chat:
-                for i in index.values():
-                    yield chunk(role_choice(i))
+            for chunk in choices.opening():
+                yield chunk
             # Until every choice's last event is sent: the requests may finish while events are still queued.
-            pending = set(index)
-            while pending:
-                c, delta, out, last = await events.get()
+            while choices.pending:
+                choice, delta, out, last = await events.get()
                 if out.error is not None:
                     yield sse(error_body(out.error, "server_error"))
                     self.abort(requests)
                     break
-                i = index[c.seq_id]
-                lp = self.logprobs(owner[c.seq_id], chat, out.new_token_ids, out.new_logprobs)
-                reason = c.finish_reason if last else None
-                if c.seq_id in held:
-                    for piece in self._tool_pieces(held[c.seq_id], i, delta, lp, reason):
-                        yield chunk(piece)
-                elif delta or lp is not None or reason is not None:
-                    yield chunk(delta_choice(i, chat, delta, lp, reason))
-                if last:
-                    pending.discard(c.seq_id)
+                for chunk in choices.on_event(choice, delta, out, last):
+                    yield chunk
             else:
                 self.metrics.e2e.observe(time.perf_counter() - submitted_at)
-            if include_usage:
-                yield sse(header.wrap(obj, [], usage=usage_dict(total_usage([r.output().usage for r in requests]))))
+            if parsed.include_usage:
+                yield choices.usage()
             yield SSE_DONE
         finally:
             self.abort(requests)  # no-op when all finished; frees KV when the client went away
+
+
+class StreamedChoices:
+    """The chunks of one streamed response: each choice's index in it, its request, and (when tools may be
+    called) the text held back until it is known not to be a call."""
+
+    def __init__(self, server: Server, parsed: ParsedRequest, requests: list[TrackedRequest], header: ResponseHeader):
+        self.server, self.chat, self.header = server, parsed.chat, header
+        n = requests[0].params.n
+        self.index = {c.seq_id: ri * n + c.index for ri, r in enumerate(requests) for c in r.choices}
+        self.owner = {c.seq_id: r for r in requests for c in r.choices}
+        self.held = {seq_id: ToolStream(parsed.tools) for seq_id in self.index} if parsed.tools is not None else {}
+        self.pending = set(self.index)
+        self.object = object_name(parsed.chat, chunk=True)
+        # OpenAI's chunks carry `usage`, null until the last one, when the client asked for it
+        self.usage_field = {"usage": None} if parsed.include_usage else {}
+        self.requests = requests
+
+    def chunk(self, choice: dict[str, Any]) -> str:
+        return sse(self.header.wrap(self.object, [choice], **self.usage_field))
+
+    def opening(self) -> list[str]:
+        return [self.chunk(role_choice(i)) for i in self.index.values()] if self.chat else []
+
+    def on_event(self, choice: Completion, delta: str, out: StepOutput, last: bool) -> list[str]:
+        i = self.index[choice.seq_id]
+        lp = self.server.logprobs(self.owner[choice.seq_id], self.chat, out.new_token_ids, out.new_logprobs)
+        reason = choice.finish_reason if last else None
+        if last:
+            self.pending.discard(choice.seq_id)
+        if choice.seq_id in self.held:
+            return [self.chunk(p) for p in self._tool_pieces(self.held[choice.seq_id], i, delta, lp, reason)]
+        if delta or lp is not None or reason is not None:
+            return [self.chunk(delta_choice(i, self.chat, delta, lp, reason))]
+        return []
+
+    def usage(self) -> str:
+        return sse(
+            self.header.wrap(self.object, [], usage=usage_dict(total_usage([r.output().usage for r in self.requests])))
+        )
 
     @staticmethod
     def _tool_pieces(
@@ -337,22 +343,6 @@ async def _parse(request: Request, model_name: str, limits: RequestLimits) -> di
     return body
 
 
-def _prompts(server: Server, body: dict[str, Any], chat: bool, tools: ToolRequest | None) -> list[Prompt]:
-    if not chat:
-        return [(p, server.tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in completion_prompts(body)]
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
-    try:
-        return [(None, encode_chat(server.tokenizer, chat_messages(body), kwargs, tools.tools if tools else None))]
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    except Exception as e:  # a template error on an odd conversation is the request's fault, not the server's
-        raise APIError(
-            400, f"the chat template failed on these messages: {type(e).__name__}: {e}", param="messages"
-        ) from None
-
-
 async def _generate(request: Request, chat: bool) -> Response:
     server = _server(request)
     release = server.admit(request.client.host if request.client else "")
@@ -377,33 +367,18 @@ async def _released_after(chunks: AsyncIterator[str], release: Callable[[], None
 
 
 async def _respond(server: Server, request: Request, chat: bool) -> Response:
-    limits = server.cfg.server.limits
-    body = await _parse(request, server.model_name, limits)
-    try:
-        limits.check_body(body)
-        params = sampling_params(body, chat)
-        limits.check_params(params)
-    except InvalidParameter as e:
-        raise APIError(400, str(e), param=e.param) from None
-    tools = parse_tool_request(body) if chat else None
-    if tools is not None and tools.forced:  # the output is one call: constrain it to the call's schema
-        params = dataclasses.replace(params, json_schema=tools.call_schema(), regex=None, grammar=None)
-    prompts = _prompts(server, body, chat, tools)
-    if chat and not max_tokens_given(body, chat):
-        params = dataclasses.replace(params, max_tokens=max(1, server.client.info.max_model_len - len(prompts[0][1])))
+    body = await _parse(request, server.model_name, server.cfg.server.limits)
+    info = server.client.info
+    parsed = parse_request(body, chat, server.tokenizer, server.cfg.server.limits, info.vocab_size, info.max_model_len)
     header = ResponseHeader.new("chatcmpl" if chat else "cmpl", server.model_name, server.fingerprint)
     submitted_at = time.perf_counter()
-    try:
-        limits.check_work([len(ids) for _, ids in prompts], params)
-    except InvalidParameter as e:
-        raise APIError(400, str(e), param=e.param) from None
-    requests, events = server.submit(prompts, params, chat)
-    if body.get("stream"):
-        body_iter = server.stream(requests, events, header, chat, stream_options(body), submitted_at, tools)
-        return StreamingResponse(body_iter, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    requests, events = server.submit(parsed)
+    if parsed.stream:
+        chunks = server.stream(parsed, requests, events, header, submitted_at)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     await server.wait_all(requests, events, request)
     server.metrics.e2e.observe(time.perf_counter() - submitted_at)
-    return JSONResponse(server.response(requests, header, chat, tools))
+    return JSONResponse(server.response(requests, header, chat, parsed.tools))
 
 
 async def chat_completions(request: Request) -> Response:

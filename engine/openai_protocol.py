@@ -5,6 +5,7 @@ decide when to send what, this module decides what it looks like on the wire."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -12,8 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import APIError
+from engine.limits import RequestLimits
 from engine.outputs import TokenLogprob, Usage
-from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams, check_request
+from engine.tokenizer import encode_chat
+from engine.tool_calls import ToolRequest, parse_tool_request
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,7 +55,72 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
+Prompt = tuple[str | None, list[int]]  # (the text, if the client sent text; its token ids)
+
+
+@dataclass
+class ParsedRequest:
+    """One OpenAI request body, parsed and checked once: what the route submits and how it answers."""
+
+    chat: bool
+    prompts: list[Prompt]
+    params: SamplingParams
+    tools: ToolRequest | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(
+    body: dict[str, Any],
+    chat: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    limits: RequestLimits,
+    vocab_size: int,
+    max_model_len: int,
+) -> ParsedRequest:
+    """The body (already JSON and under the body limits) as one typed request: every bound that needs no
+    tokenizer is checked before tokenizing; then the prompts are encoded and checked against the engine's
+    shape. APIError (400, naming the parameter) for anything wrong."""
+    try:
+        limits.check_body(body)
+        tools = parse_tool_request(body) if chat else None
+        forced = {"json_schema": tools.call_schema()} if tools is not None and tools.forced else {}
+        params = sampling_params(body, chat, forced)
+        limits.check_params(params)
+        prompts = _encode(body, chat, tokenizer, tools)
+        if chat and not max_tokens_given(body, chat):  # the rest of the context, as OpenAI's and vLLM's do
+            params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(prompts[0][1])))
+        for _, ids in prompts:
+            check_request(ids, params, vocab_size, max_model_len)
+        limits.check_work([len(ids) for _, ids in prompts], params)
+    except InvalidParameter as e:
+        raise APIError(400, str(e), param="messages" if chat and e.param == "prompt" else e.param) from None
+    return ParsedRequest(chat, prompts, params, tools, bool(body.get("stream")), stream_options(body))
+
+
+def _encode(
+    body: dict[str, Any], chat: bool, tokenizer: PreTrainedTokenizerBase, tools: ToolRequest | None
+) -> list[Prompt]:
+    if not chat:
+        return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in completion_prompts(body)]
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    try:
+        return [(None, encode_chat(tokenizer, chat_messages(body), kwargs, tools.tools if tools else None))]
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    except Exception as e:  # a template error on an odd conversation is the request's fault, not the server's
+        raise APIError(
+            400, f"the chat template failed on these messages: {type(e).__name__}: {e}", param="messages"
+        ) from None
+
+
+def sampling_params(
+    body: dict[str, Any], chat: bool, constraint_override: dict[str, Any] | None = None
+) -> SamplingParams:
+    """SamplingParams from the body's fields; `constraint_override` replaces the body's constraint (a forced
+    tool call's schema)."""
     kwargs: dict[str, Any] = {}
     for name, (types, what) in _FIELDS.items():
         value = _expect(body, name, types, what)
@@ -84,7 +153,7 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
     best_of = _expect(body, "best_of", (int,), "an integer")
     if best_of is not None and best_of != kwargs.get("n", 1):
         raise APIError(400, f"'best_of' must equal n (other values are not supported), got {best_of}", param="best_of")
-    kwargs.update(constraint(body))
+    kwargs.update(constraint_override or constraint(body))
     try:
         return SamplingParams(**kwargs)
     except InvalidParameter as e:

@@ -13,9 +13,10 @@ from conftest import PROMPTS
 
 from engine import LLM, SamplingParams
 from engine.config import CONFIG_DIR, EngineConfig, compose_config, group_choices
+from engine.errors import APIError
 from engine.kernels.paged import DecodeStep, PagedAttentionBase
 from engine.kv_manager import KVManager
-from engine.openai_protocol import APIError, sampling_params
+from engine.openai_protocol import sampling_params
 from engine.policies.base import AdmissionPolicy
 from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence
