@@ -31,13 +31,13 @@ if TYPE_CHECKING:
     from engine.kernels.paged import PagedAttentionBase
     from engine.policies.base import AdmissionPolicy
     from engine.prefix_cache import PrefixCache
+    from engine.quant.base import QuantScheme
 
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "attention", "cache", "scheduler", "quant")
 DTYPES = ("float32", "bfloat16", "float16")
-QUANT_MODES = ("none", "int8", "int4", "auto")
 # Short keyword names for the settings people change most (vLLM's names where it has one).
 ALIASES = {
     "page_size": "kv_cache.page_size",
@@ -210,16 +210,6 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    # none | int8 | int4 | auto (keep a GGUF file's precision class); engine/quantization.py says what
-    # each GGUF type becomes.
-    mode: str = "auto"
-
-    def __post_init__(self) -> None:
-        _require(self.mode in QUANT_MODES, "quant.mode", self.mode, f"expected one of {list(QUANT_MODES)}")
-
-
-@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -241,11 +231,11 @@ class EngineConfig:
     attention: Component[PagedAttentionBase]
     cache: Component[PrefixCache]
     scheduler: SchedulerConfig
+    quant: Component[QuantScheme]  # which layers get which weight format (engine/quant/)
     kv_cache: KVCacheConfig = KVCacheConfig()
     compile: CompileConfig = CompileConfig()
     parallel: ParallelConfig = ParallelConfig()
     server: ServerConfig = ServerConfig()
-    quant: QuantConfig = QuantConfig()
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; `torch_dtype` resolves it
     device: str = "cpu"
     seed: int = 0
@@ -257,25 +247,23 @@ class EngineConfig:
         )
         _require(self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device, "expected cpu or cuda")
         _require(_is_int(self.seed), "seed", self.seed, "must be an integer")
+        # A Uniform scheme (configs/quant/int8.yaml, int4.yaml) quantizes every layer with CPU kernels that are
+        # not sharded; `auto` loads float weights where they cannot run (its `for_placement`).
+        uniform = self.quant.name == "Uniform"
         _require(
-            self.parallel.tp == 1 or self.quant.mode in ("none", "auto"),
-            "quant.mode",
-            self.quant.mode,
+            self.parallel.tp == 1 or not uniform,
+            "quant",
+            self.quant.kwargs.get("format"),
             f"quantized layers are not sharded: with parallel.tp={self.parallel.tp} use quant=none "
             "(or auto, which loads float weights there)",
         )
         _require(
-            not self.device.startswith("cuda") or self.quant.mode in ("none", "auto"),
-            "quant.mode",
-            self.quant.mode,
+            not self.device.startswith("cuda") or not uniform,
+            "quant",
+            self.quant.kwargs.get("format"),
             "the quantized kernels are written for the CPU: on a GPU use quant=none (or auto, which loads float "
             "weights there)",
         )
-
-    @property
-    def quant_mode(self) -> str:
-        """The mode in effect: `auto` loads float weights under tensor parallelism and on GPUs."""
-        return "none" if self.parallel.tp > 1 or self.device.startswith("cuda") else self.quant.mode
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -306,7 +294,7 @@ class EngineConfig:
             compile=CompileConfig(**raw["compile"]),
             parallel=ParallelConfig(**raw["parallel"]),
             server=ServerConfig(**raw["server"]),
-            quant=QuantConfig(**raw["quant"]),
+            quant=_component("quant", raw["quant"]),
             **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar")},
         )
 

@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from engine import LLM
-from engine.config import EngineConfig
+from engine.config import CONFIG_DIR, EngineConfig
 from engine.models.source import resolve_model
-from engine.quantization import weight_bytes
+from engine.quant.base import weight_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
 from workloads import engine_generate, record  # noqa: E402
@@ -109,7 +109,7 @@ class LlamaCpp:
 
 
 def engine_rates(cfg: DictConfig, mode: str) -> Rates:
-    cfg.quant.mode = mode
+    cfg.quant = OmegaConf.load(CONFIG_DIR / "quant" / f"{mode}.yaml")  # the group's choice, as quant=<mode> picks it
     t = time.perf_counter()
     with LLM(config=EngineConfig.from_dictconfig(cfg)) as llm:
         log.info(

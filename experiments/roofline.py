@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.quantization import weight_bytes
+from engine.quant.base import weight_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
 from workloads import record, resolve_bench_model  # noqa: E402
@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> None:
     b = cfg.bench
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))
     weights = weight_bytes(llm.engine.model)
-    log.info("weights %.0f MB (%s, quant=%s)", weights / 2**20, llm.engine.dtype, cfg.quant.mode)
+    log.info("weights %.0f MB (%s, quant=%s)", weights / 2**20, llm.engine.dtype, cfg.quant._target_)
     decode_step_ms(llm, 1, b.context_len, 4)  # warm-up / compile
     for batch in b.batch_sizes:
         # This machine's bandwidth drifts by 20% over minutes: the floor comes from probes taken just

@@ -1,6 +1,6 @@
 """Weight-quantized linear layers for the CPU, written as plain tensor code that inductor compiles.
 
-Two formats, chosen per layer by engine/quantization.py:
+Two formats, chosen per layer by the `quant=` scheme (engine/quant/):
 
 - `Int8Linear`: int8 weights with one scale per output row. Several rows (prefill, batched decode) go
   through `torch._int_mm` (oneDNN's int8 GEMM) with the activations quantized per token to two int8
@@ -94,7 +94,7 @@ class Int8Linear(nn.Module):
         # rows go through one `_int_mm`: the weight is read once, as with plain W8A8, at twice the
         # arithmetic. One digit (per-token W8A8) everywhere raised SmolLM2's perplexity by 3.8%, two by
         # 0.3%: ~15-bit activations leave only the weights' own rounding. Layers whose inputs carry no
-        # outlier channels keep one digit (engine/quantization.py says which).
+        # outlier channels keep one digit (engine/quant/int8.py says which).
         step = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
         hi = torch.round(xf / step)
         if self.digits == 1:

@@ -19,9 +19,11 @@ from engine.kv_manager import KVManager
 from engine.openai_protocol import sampling_params
 from engine.policies.base import AdmissionPolicy
 from engine.prefix_cache import PrefixCache
+from engine.quant.base import QuantScheme
+from engine.quant.int8 import Int8Format
 from engine.sequence import Sequence
 
-INTERFACES = {"attention": PagedAttentionBase, "cache": PrefixCache, "scheduler": AdmissionPolicy}
+INTERFACES = {"attention": PagedAttentionBase, "cache": PrefixCache, "scheduler": AdmissionPolicy, "quant": QuantScheme}
 
 
 @pytest.mark.parametrize("group", sorted(INTERFACES))
@@ -126,6 +128,27 @@ def test_a_policy_from_another_module_plugs_in_through_the_config(tiny_qwen3):
     params = SamplingParams(max_tokens=1, temperature=0)
     requests = [("short", PROMPTS[0], params), ("long", PROMPTS[3], params), ("mid", PROMPTS[7][:40], params)]
     assert _finish_order(llm, requests) == ["long", "mid", "short"]
+
+
+class PlainW8A8(Int8Format):
+    """A format defined outside the engine: int8 with one activation digit everywhere."""
+
+    name = "test-w8a8"
+
+    def build(self, float_module, module):
+        built = super().build(float_module, module)
+        if hasattr(built, "digits"):
+            built.digits = 1
+        return built
+
+
+def test_a_weight_format_from_another_module_plugs_in_through_the_config(tiny_qwen3):
+    """A new format is one class and one scheme naming it (configs/quant/int8.yaml's shape)."""
+    overrides = {"quant": "int8", "quant.format": f"{__name__}.PlainW8A8"}
+    llm = LLM(str(tiny_qwen3), dtype="float32", enforce_eager=True, progress_bar=False, **overrides)
+    linears = [m for m in llm.engine.model.modules() if type(m).__name__ == "Int8Linear"]
+    assert linears and all(m.digits == 1 for m in linears)
+    assert len(llm.generate_outputs([[1, 2, 3]], max_tokens=3, temperature=0)[0].outputs[0].token_ids) == 3
 
 
 def test_priority_in_a_request_body_reaches_sampling_params():

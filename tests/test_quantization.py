@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from conftest import PROMPTS, hf_greedy, trim_at_eos
 
 from engine import LLM, SamplingParams
-from engine.config import QUANT_MODES, ConfigError, compose_config, group_choices
+from engine.config import ConfigError, compose_config, group_choices
 from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups
 from engine.models.loader import QUANTIZED_LAYOUT
 from engine.models.source import embedded_model_path, gguf_cache_dir
-from engine.quantization import int4_groups, plan_formats
+from engine.quant.auto import Auto
+from engine.quant.base import NoQuant, QuantScheme
+from engine.quant.int4 import int4_groups
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,31 +103,38 @@ def test_plan_keeps_each_tensors_precision_class():
         "embed_tokens": ["Q4_K"],
         "lm_head": ["Q8_0"],
     }
-    assert plan_formats("auto", parts) == {
+    auto = compose_config(quant="auto").quant.build()
+    assert auto.plan(parts) == {
         "layers.0.self_attn.qkv_proj": "int8",
         "layers.0.mlp.gate_up_proj": "int4",
         "embed_tokens": "int8",
         "lm_head": "int8",
     }
-    assert set(plan_formats("int4", parts).values()) == {"int4", "int8"}  # heads stay int8
-    assert plan_formats("none", parts) == {}
+    assert set(compose_config(quant="int4").quant.build().plan(parts).values()) == {"int4", "int8"}  # heads int8
+    assert compose_config(quant="none").quant.build().plan(parts) == {}
 
 
-def test_quant_group_files_are_the_modes():
-    assert group_choices("quant") == sorted(QUANT_MODES)
-    assert all(compose_config(quant=mode).quant.mode == mode for mode in QUANT_MODES)
-    assert compose_config().quant.mode == "auto"
+MODES = ("auto", "int4", "int8", "none")
+
+
+def test_quant_group_files_are_schemes():
+    assert group_choices("quant") == sorted(MODES)
+    schemes = {mode: compose_config(quant=mode).quant.build() for mode in MODES}
+    assert all(isinstance(s, QuantScheme) for s in schemes.values())
+    assert {mode: s.name for mode, s in schemes.items()} == {m: m for m in MODES}  # also their cache folders
+    assert isinstance(compose_config().quant.build(), Auto)
 
 
 def test_bad_quant_settings_are_refused():
     with pytest.raises(ValueError, match="quant='int3'"):
         compose_config(quant="int3")
-    with pytest.raises(ConfigError, match="quant.mode.*parallel.tp=2"):
+    with pytest.raises(ConfigError, match="quant=.*parallel.tp=2"):
         compose_config(quant="int8", **{"parallel.tp": 2})
-    assert compose_config(**{"parallel.tp": 2}).quant_mode == "none"  # auto loads float weights under TP
-    with pytest.raises(ConfigError, match="quant.mode.*GPU"):
+    auto = compose_config(**{"parallel.tp": 2}).quant.build()
+    assert isinstance(auto.for_placement("cpu", 2), NoQuant)  # auto loads float weights under TP
+    with pytest.raises(ConfigError, match="quant=.*GPU"):
         compose_config(quant="int4", device="cuda")
-    assert compose_config(device="cuda").quant_mode == "none"  # ... and on a GPU
+    assert isinstance(auto.for_placement("cuda", 1), NoQuant)  # ... and on a GPU
 
 
 # ------------------------------------------------------------------------------ a tiny 4-bit GGUF model

@@ -2,7 +2,7 @@
 
 Every source is turned into a stream of (Hugging Face parameter name, tensor) pairs; one mapping then
 places those into the fused parameters of `CausalLM`, tensor by tensor. Layers planned quantized
-(engine/quantization.py) quantize each tensor as it arrives, or take a GGUF's 4-bit blocks as they are,
+(engine/quant/) quantize each tensor as it arrives, or take a GGUF's 4-bit blocks as they are,
 so no whole float copy of the model ever exists. What a GGUF load produced is kept in the engine cache:
 the dequantized safetensors for `quant=none`, the quantized model's tensors for the other modes.
 """
@@ -24,15 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
 from engine.models.source import ModelSource, gguf_cache_dir
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
 from engine.progress import progress
-from engine.quantization import INT4_TYPES, int4_groups, plan_formats, quantize_modules, weight_bytes
+from engine.quant.base import NoQuant, QuantScheme, format_of, quantize_modules, weight_bytes
+from engine.quant.int4 import int4_groups
 
 log = logging.getLogger(__name__)
-QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
 
 # ------------------------------------------------------------------------------------ converted GGUF
 
@@ -301,7 +300,7 @@ def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> Non
     """Fill the model from the checkpoint, tensor by tensor (`convert`: see iter_checkpoint)."""
     state = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
-    quantized = {name for name, m in modules.items() if isinstance(m, QUANTIZED)}
+    quantized = {name for name, m in modules.items() if format_of(m) is not None}
     seen: set[str] = set()
     for name, read in iter_checkpoint(src, model.config, convert):
         place = _placement(name, model.config, model.tp)
@@ -363,17 +362,13 @@ def _load_quantized(
     rows = slice(None) if rows is None else rows
     out, width = module.weight_shape
     expected = (len(range(*rows.indices(out))), width)
-    if isinstance(module, Int4Linear) and getattr(read, "type_name", None) in INT4_TYPES:
-        q, scale, offset = read.int4_groups(part[0])  # the file's own 4-bit groups: no loss
-        module.load_groups(rows, _checked(name, q, expected), scale, offset)
-    else:
-        module.load_rows(rows, _checked(name, read(part), expected))
+    format_of(module).load(module, rows, read, part, lambda t: _checked(name, t, expected))
 
 
-def plan_quantization(model: CausalLM, src: ModelSource, mode: str) -> dict[str, str]:
-    """{module: format} for `mode` (engine/quantization.py), from the checkpoint's tensor types."""
-    if mode == "none":
-        return {}
+def plan_quantization(model: CausalLM, src: ModelSource, scheme: QuantScheme) -> dict[str, str]:
+    """{module: format} under `scheme` (engine/quant/), from the checkpoint's tensor types."""
+    if isinstance(scheme, NoQuant):
+        return {}  # without reading a GGUF's header for its types
     parts = {name: [] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     parts["embed_tokens"] = []
     if src.is_gguf:
@@ -386,7 +381,7 @@ def plan_quantization(model: CausalLM, src: ModelSource, mode: str) -> dict[str,
         parts = {name: ["F32"] for name in parts}
     if model.config.tie_word_embeddings:
         parts["lm_head"] = parts["embed_tokens"]
-    return plan_formats(mode, parts)
+    return scheme.plan(parts)
 
 
 def build_model(
@@ -396,11 +391,12 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     tp: TPGroup = TPGroup(),
-    quant: str = "none",
+    quant: QuantScheme | None = None,
 ) -> CausalLM:
+    quant = quant or NoQuant()
     with torch.device("meta"):
         model = CausalLM(cfg, backend, tp)
-    cache = gguf_cache_dir(src.path, f"quantized-{quant}-v{QUANTIZED_LAYOUT}") if src.is_gguf else None
+    cache = gguf_cache_dir(src.path, f"quantized-{quant.name}-v{QUANTIZED_LAYOUT}") if src.is_gguf else None
     cached = cache is not None and (cache / QUANTIZED_PLAN).is_file()
     plan = json.loads((cache / QUANTIZED_PLAN).read_text()) if cached else plan_quantization(model, src, quant)
     with torch.device("meta"):
@@ -413,7 +409,7 @@ def build_model(
     if cached:
         _load_state(model, cache / CONVERTED_WEIGHTS)
     else:
-        with progress(log, f"loading the weights of {src.path.name} (quant={quant})"):
+        with progress(log, f"loading the weights of {src.path.name} (quant={quant.name})"):
             load_weights(model, src, convert=not plan)
         if plan and cache is not None:
             _publish(cache, lambda staging: _save_state(model, plan, staging))

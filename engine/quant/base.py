@@ -1,0 +1,108 @@
+"""What a weight format is (`QuantFormat`: the layers it can hold, the module it builds, how that module loads
+a checkpoint tensor) and what a `quant=` choice is (`QuantScheme`: which layer gets which format). A new
+format is one file with a QuantFormat subclass and one YAML naming it (a `Uniform` scheme over it)."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+HEADS = ("embed_tokens", "lm_head")
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+FORMATS: dict[str, QuantFormat] = {}  # name -> format, filled as format modules are imported
+
+
+class QuantFormat(ABC):
+    name: ClassVar[str]  # in plans, cache folder names and logs
+    rank: ClassVar[int]  # precision order: a fused layer whose parts differ takes the most precise format
+    exact_types: ClassVar[tuple[str, ...]] = ()  # GGUF types it holds without loss (`auto` keeps them in it)
+    module_types: ClassVar[tuple[type[nn.Module], ...]]  # what `build` makes (the loader recognises these)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            FORMATS[cls.name] = cls()
+
+    def holds(self, module: str) -> bool:
+        """Whether this format may hold `module` (a layer's name in the model)."""
+        return True
+
+    @abstractmethod
+    def build(self, float_module: nn.Module, module: str) -> nn.Module:
+        """The module to hold `float_module`'s weights in this format (made on the meta device)."""
+
+    def load(self, target: nn.Module, rows: slice, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
+        """Fill `rows` of `target`'s weight from a checkpoint tensor (`read(part)` gives its float values;
+        `checked` validates a tensor's shape against those rows)."""
+        target.load_rows(rows, checked(read(part)))
+
+
+def format_of(module: nn.Module) -> QuantFormat | None:
+    return next((f for f in FORMATS.values() if isinstance(module, f.module_types)), None)
+
+
+def load_format(path: str) -> QuantFormat:
+    """The format a dotted class path names (importing its module registers it)."""
+    module, _, name = path.rpartition(".")
+    return FORMATS[getattr(importlib.import_module(module), name).name]
+
+
+class QuantScheme(ABC):
+    """A `quant=` choice: `plan` says which layers get which format from the checkpoint's tensor types."""
+
+    name: str  # in cache folder names and logs
+
+    def for_placement(self, device_type: str, tp: int) -> QuantScheme:
+        """The scheme to use on this device and under this tensor parallelism (config refuses the impossible)."""
+        return self
+
+    @abstractmethod
+    def plan(self, parts: Mapping[str, Iterable[str]]) -> dict[str, str]:
+        """{module: format name} for the layers to quantize, from each layer's checkpoint tensor types (a
+        fused layer has several); layers left out stay in the model dtype."""
+
+    @staticmethod
+    def settle(module: str, fmt: QuantFormat) -> str:
+        """`fmt`, or int8 for a layer `fmt` cannot hold (the heads: int4 would give up int8's head GEMM)."""
+        return fmt.name if fmt.holds(module) else "int8"
+
+
+class NoQuant(QuantScheme):
+    """Every weight in the model dtype (a GGUF is dequantized once into the engine cache)."""
+
+    name = "none"
+
+    def plan(self, parts: Mapping[str, Iterable[str]]) -> dict[str, str]:
+        return {}
+
+
+class Uniform(QuantScheme):
+    """Every layer in one format (or int8 where it cannot hold a layer)."""
+
+    def __init__(self, format: str) -> None:
+        self.format = load_format(format)
+        self.name = self.format.name
+
+    def plan(self, parts: Mapping[str, Iterable[str]]) -> dict[str, str]:
+        return {module: self.settle(module, self.format) for module in parts}
+
+
+def quantize_modules(model: nn.Module, plan: Mapping[str, str]) -> None:
+    """Swap the planned modules for their quantized forms (on the meta device, before loading)."""
+    for name, fmt in plan.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, FORMATS[fmt].build(getattr(parent, attr), attr))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied table once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def float_format(tensor_type: str) -> bool:
+    return tensor_type in FLOAT_TYPES

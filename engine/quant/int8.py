@@ -1,0 +1,31 @@
+"""int8 weights, one scale per output row (kernels/quant_linear.py `Int8Linear`, `Int8Embedding`): the fastest
+CPU format here for batched steps (`torch._int_mm` on int8 activation digits), and what `auto` makes of 5- to
+8-bit GGUF blocks (dequantized, then re-quantized per row)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from engine.kernels.quant_linear import Int8Embedding, Int8Linear
+from engine.quant.base import QuantFormat
+
+# Layers whose several-row steps quantize activations to one int8 digit instead of two: their inputs carry no
+# outlier channels (perplexity unchanged on SmolLM2; docs/performance.md, 2026-12-01), and they hold 28% of a
+# step's int8 products, which two digits double.
+ONE_DIGIT = ("o_proj", "lm_head")
+
+
+class Int8Format(QuantFormat):
+    name = "int8"
+    rank = 1
+    exact_types: ClassVar[tuple[str, ...]] = ()  # holds no GGUF type bit for bit: one scale per row
+    module_types = (Int8Linear, Int8Embedding)
+
+    def build(self, float_module: nn.Module, module: str) -> nn.Module:
+        if isinstance(float_module, nn.Embedding):
+            return Int8Embedding(float_module.num_embeddings, float_module.embedding_dim)
+        bias = float_module.bias is not None
+        digits = 1 if module in ONE_DIGIT else 2
+        return Int8Linear(float_module.in_features, float_module.out_features, bias, digits=digits)
