@@ -151,17 +151,13 @@ class StepGraphs:
         torch._inductor.config.max_autotune_report_choices_stats = False  # two stderr lines per GEMM shape
         options = compile_options(self.cfg, self.device, self.float_gemms and not self.regional)
         if "options" in options:
-            # Dynamo checked ~4600 guards on the model's modules (hooks, types, attributes, weights) before
-            # every step: 0.79 ms of a 9 ms batch-1 int8 step, 0.07 ms without them (SmolLM2). Nothing
-            # changes the model once it is loaded, and each runner compiles its own copy of the step
-            # functions' code (dynamo keeps its graphs per code object), so no other model reaches these.
+            # No guards on the model's modules (~4600, 0.7 ms of a 9 ms step; docs/performance.md): nothing
+            # changes a loaded model, and each runner's own copy of the step code keeps its graphs to itself.
             options["options"]["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             decode_fn, prefill_fn = _own_code(decode_fn), _own_code(prefill_fn)
         if self.regional:
-            # Traced once, the layer's code is stamped out for the others (the KV cache is an argument of
-            # `run_layer`, so the layers differ only in their tensors): SmolLM2's int8 graphs compiled in
-            # 10-25 s instead of 48-100 s each, batch-1 decode as fast, 32-row decode and prefill up to
-            # ~10% slower (the wrapper calls each layer's code; buffers are not shared across layers).
+            # One layer traced, its code reused by all (the KV cache is an argument of `run_layer`): compiles
+            # in a quarter of the time, decode as fast (docs/performance.md, 2026-12-01).
             self.model.run_layer = torch.compiler.nested_compile_region(run_layer)
         decode = torch.compile(decode_fn, **options, dynamic=self.backend.supports_dynamic_shapes)
         if not self.cfg.prefill:
@@ -276,9 +272,8 @@ def compile_options(cfg: CompileConfig, device: torch.device, tune_float_gemms: 
         return {"options": {"triton.cudagraphs": False}}
     options = dict(cfg.cpu)
     if not tune_float_gemms:
-        # A quantized model has no float GEMM to tune: with these on, the int8 SmolLM2 decode graph
-        # compiled in 168 s (77 s without) and ran at 23 tok/s instead of 84: freezing folded the
-        # weights' int8 -> float conversions into fp32 constants that every step then read.
+        # No float GEMM to tune; freezing would fold the int8 -> float conversions into fp32 constants read
+        # every step (int8 SmolLM2: 23 vs 84 tok/s, docs/performance.md).
         options = {k: v for k, v in options.items() if k not in FLOAT_GEMM_OPTIONS}
     # Inductor reads `freezing` before it applies per-call options, so it only works set globally.
     torch._inductor.config.freezing = bool(options.pop("freezing", False))

@@ -32,10 +32,8 @@ from torch import nn
 from engine.kernels.fusion import stored
 
 GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
-# Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2). Laid out [G, 16, N] instead, the
-# one-row reduction read 16 bytes at a time from 16 rows N bytes apart, and the scales likewise: 30
-# layers' int4 products took 7.2 ms against 5.1 ms tiled (SmolLM2's shapes, out of cache, both with the
-# shift-free reduction below; 9.1 ms with the old layout and shifts). Tiles of 32 or 64 rows: 5.4, 5.6.
+# Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2), so the one-row reduction reads each
+# row's bytes contiguously (7.2 -> 5.1 ms for SmolLM2's layers; docs/performance.md, 2026-12-01).
 TILE = 16
 
 
@@ -156,11 +154,8 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight [N, K] in the scales' dtype."""
-        # The nibbles are split by arithmetic on the float bytes and interleaved by a broadcast `where`, so
-        # that the float weight is one pointwise pass over the bytes. From `cat((packed & 15, packed >> 4))`
-        # inductor wrote both halves out and ran an eager cat; through `stack` it fused the weight into the
-        # RMSNorm's kernel and ran slower still. SmolLM2 int4, 32 rows decoding: 140 tok/s with cat, ~300
-        # with this (one script, both in turn); experiments/cpu_vs_llamacpp.py 177-223 before, 291 after.
+        # Nibbles split by float arithmetic and interleaved by a broadcast `where`: one pointwise pass (a `cat`
+        # of the halves ran eagerly; 32-row int4 decode 140 -> ~300 tok/s, docs/performance.md).
         b = self.packed.to(self.scale.dtype).unsqueeze(2)  # [T, G, 1, 16, TILE]
         hi = torch.floor(b * (1 / 16))
         half = torch.arange(2, device=b.device).view(1, 1, 2, 1, 1)
