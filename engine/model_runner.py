@@ -134,10 +134,12 @@ class ModelRunner:
         if max_q == 1:
             pad_index = []
         parts = [ids, positions, slots, all_lens, table, pad_index]
-        flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # one pinned buffer, one non-blocking copy, views of it
+            flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long)
             flat = flat.pin_memory().to(self.device, non_blocking=True)
-        ids_t, pos_t, slot_t, lens_t, table_t, pad_t = flat.split([len(p) for p in parts])
+            ids_t, pos_t, slot_t, lens_t, table_t, pad_t = flat.split([len(p) for p in parts])
+        else:  # nothing to copy; and a compiled layer region refuses inputs that are views of one tensor
+            ids_t, pos_t, slot_t, lens_t, table_t, pad_t = (torch.tensor(p, dtype=torch.long) for p in parts)
         paged = PagedBatch(
             positions=pos_t,
             slot_mapping=slot_t,

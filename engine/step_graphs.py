@@ -121,7 +121,9 @@ class StepGraphs:
         """Whether to compile one layer's code for all layers: by default on CPU when the weights are not
         frozen (freezing makes them constants of the graph, which a shared layer cannot take as arguments),
         never with collectives inside the layer (tensor parallelism)."""
-        if self.model.tp.size > 1:
+        # Not on CUDA either: the decode graphs' inputs are views of one static buffer, and a nested compiled
+        # region refuses aliased inputs.
+        if self.model.tp.size > 1 or self.device.type == "cuda":
             return False
         if self.cfg.regional is not None:
             return self.cfg.regional
