@@ -263,14 +263,14 @@ def test_gateway_commands(tiny_qwen3, tmp_path):
             subprocess.Popen([sys.executable, *router[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         )
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline, models = time.time() + 60, []
+        while time.time() < deadline and not models:
             try:
-                if httpx.get(f"{url}/v1/models", timeout=1).json().get("data"):
-                    break
+                models = httpx.get(f"{url}/v1/models", timeout=1).json().get("data")
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.5)
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        body = {"model": models[0]["id"], "prompt": "Hi", "max_tokens": 2}  # the gateway requires `model`
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
     finally:
         for proc in procs:
