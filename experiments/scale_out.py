@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,16 +29,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from serving_benchmark import percentiles  # noqa: E402
-from workloads import WORDS, record, resolve_bench_model  # noqa: E402
+from workloads import WORDS, free_port, record, resolve_bench_model, wait_until_up  # noqa: E402
 
 log = logging.getLogger("scale_out")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_router(workers: list[str], policy: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
@@ -51,18 +44,8 @@ def start_router(workers: list[str], policy: str, timeout: float = 60) -> tuple[
            "--health-check-interval-secs", "2", "--worker-urls", *workers]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the router exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).json().get("data"):
-                return proc, url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the router did not come up")
+    wait_until_up(proc, url, "the router", timeout, path="/v1/models")
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -172,15 +155,7 @@ def start_replicas(cfg: DictConfig, count: int, run_dir: str) -> list[tuple[subp
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         replicas.append((proc, f"http://127.0.0.1:{port}"))
     for proc, url in replicas:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"a replica exited with code {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until_up(proc, url, "a replica", 600)
     return replicas
 
 

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from engine.models.loader import load_config
 from engine.models.source import resolve_model, served_model_name
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import plot, random_requests, record, resolve_bench_model  # noqa: E402
+from workloads import free_port, plot, random_requests, record, resolve_bench_model, wait_until_up  # noqa: E402
 
 log = logging.getLogger("serving")
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +51,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subprocess.Popen, str]:
     """`python server.py` with this run's overrides on a free port, once healthy. `warmup` overrides
     compile.warmup unless the run sets it (lazy: the benchmark's warm-up requests wait for compilation)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     hc = hydra.core.hydra_config.HydraConfig.get()
     overrides = [o for o in hc.overrides.task if not o.startswith("bench.")]
     cmd = [
@@ -71,17 +68,8 @@ def start_server(cfg: DictConfig, warmup: str | None = "lazy") -> tuple[subproce
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
 
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become healthy")
+    wait_until_up(proc, url, "the server", 900)
+    return proc, url
 
 
 async def run_load(

@@ -7,10 +7,13 @@ import importlib.util
 import json
 import random
 import shutil
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -201,3 +204,26 @@ def engine_generate(llm, requests: list[tuple[list[int], int]], use_tqdm: bool =
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
     outs = llm.generate_outputs([p for p, _ in requests], params, use_tqdm=use_tqdm)
     return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, what: str, timeout: float, path: str = "/health") -> None:
+    """Wait until `url + path` answers 200 with a non-empty body; SystemExit if `proc` exits or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with code {proc.returncode}")
+        try:
+            r = httpx.get(f"{url}{path}", timeout=1)
+            if r.status_code == 200 and (path != "/v1/models" or r.json().get("data")):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{what} did not come up within {timeout:.0f} s")
