@@ -149,7 +149,7 @@ def triton_paged_attention(
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=dim, DECODE=decode, BLOCK_Q=block_q,
         # fp32 stays fp32 (tl.dot would take TF32 on a GPU: not token-exact against transformers in fp32)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # 64 slots per iteration: four pages' loads in flight instead of one (any page size dividing it)
+        # 64 slots per iteration: four pages' loads in flight instead of one (each slot's page is looked up)
         BLOCK_M=_block_m(group, block_q), BLOCK_N=max(64, page_size),
     )  # fmt: skip
     return out
