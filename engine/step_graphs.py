@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from engine import inductor_fixes
 from engine.config import CompileConfig
 from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 from engine.kv_cache import SCRATCH_PAGE
@@ -268,11 +269,13 @@ def compile_options(cfg: CompileConfig, device: torch.device, tune_float_gemms: 
     `tune_float_gemms` (a quantized model, or one layer's code shared by all layers, which cannot take
     frozen weights) the options that serve float GEMMs are left out."""
     if cfg.mode != "auto":
+        if device.type == "cpu":
+            inductor_fixes.apply()
         return {"mode": cfg.mode}
     if device.type == "cuda":
         # Inductor's defaults: CUDA graphs are captured by the engine (engine/cuda_graphs.py) or not at all.
         return {"options": {"triton.cudagraphs": False}}
-    options = dict(cfg.cpu)
+    options = dict(cfg.cpu) | inductor_fixes.cache_key_options()
     if not tune_float_gemms:
         # No float GEMM to tune; freezing would fold the int8 -> float conversions into fp32 constants read
         # every step (int8 SmolLM2: 23 vs 84 tok/s, docs/performance.md).

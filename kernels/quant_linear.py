@@ -35,6 +35,13 @@ GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2), so the one-row reduction reads each
 # row's bytes contiguously (7.2 -> 5.1 ms for SmolLM2's layers; docs/performance.md, 2026-12-01).
 TILE = 16
+# oneDNN's int8 GEMM behind `torch._int_mm` is fast only with VNNI (AVX-512 VNNI, AVX-VNNI); on plain AVX2 it
+# runs a reference loop 16-25x slower than an fp32 GEMM (SmolLM2's head at 64 rows: 1134 vs 70 ms). There an
+# int8 layer's several-row steps multiply by its weight converted to float instead, in pieces of at most
+# FLOAT_PIECE_BYTES: glibc maps larger blocks afresh on every allocation (its mmap threshold stops at 32 MB), and
+# page-faulting SmolLM2's whole 113 MB float head in took 110 ms of a 32-row step.
+INT8_GEMM = torch.cpu._is_vnni_supported()
+FLOAT_PIECE_BYTES = 16 << 20
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +94,11 @@ class Int8Linear(nn.Module):
             # One row (batch-1 decode): a reduction inductor fuses with the int8 -> float conversion, the
             # activations staying float; 82 tok/s for SmolLM2 here against 72 through `_int_mm` below.
             out = ((stored(xf) * self.qweight.to(xf.dtype)).sum(-1) * self.scale).unsqueeze(0).to(x.dtype)
+            return out if self.bias is None else out + self.bias
+        if not INT8_GEMM:
+            rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
+            pieces = [F.linear(xf, w.to(xf.dtype)) for w in self.qweight.split(rows)]
+            out = ((pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)) * self.scale).to(x.dtype)
             return out if self.bias is None else out + self.bias
         # Each activation is written as two int8 digits per token (hi * step + lo * step / 254) and both
         # rows go through one `_int_mm`: the weight is read once, as with plain W8A8, at twice the
@@ -154,6 +166,12 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight [N, K] in the scales' dtype."""
+        return self.dequantized_t().t()
+
+    def dequantized_t(self) -> torch.Tensor:
+        """The transposed weight [K, N]: written in the packed layout's order (output rows innermost), the
+        8-bit loads stay contiguous; the [N, K] order gathered them (a 32-row step's MLP dequantization 4.3 vs
+        N ms on AVX2)."""
         # Nibbles split by float arithmetic and interleaved by a broadcast `where`: one pointwise pass (a `cat`
         # of the halves ran eagerly; 32-row int4 decode 140 -> ~300 tok/s, docs/performance.md).
         b = self.packed.to(self.scale.dtype).unsqueeze(2)  # [T, G, 1, 16, TILE]
@@ -161,13 +179,13 @@ class Int4Linear(nn.Module):
         half = torch.arange(2, device=b.device).view(1, 1, 2, 1, 1)
         q = torch.where(half == 0, b - 16 * hi, hi).flatten(2, 3)  # [T, G, 32, TILE]
         w = q * self.scale.unsqueeze(2) + self.offset.unsqueeze(2)
-        return w.permute(0, 3, 1, 2).reshape(-1, self.in_features)[: self.out_features]
+        return w.permute(1, 2, 0, 3).reshape(self.in_features, -1)[:, : self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             out = self._one_row(x)
         else:
-            out = F.linear(x, self.dequantized())
+            out = x @ self.dequantized_t()
         return out if self.bias is None else out + self.bias
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:

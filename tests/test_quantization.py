@@ -19,6 +19,7 @@ from conftest import PROMPTS, hf_greedy, trim_at_eos
 
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, compose_config, group_choices
+from engine.kernels import quant_linear
 from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups
 from engine.models.loader import QUANTIZED_LAYOUT
 from engine.models.source import embedded_model_path, gguf_cache_dir
@@ -81,7 +82,10 @@ def test_int4_quantizer_error_is_bounded():
 
 @pytest.mark.parametrize("rows", [1, 9])
 @pytest.mark.parametrize("digits", [1, 2])
-def test_int8_layer_and_embedding(rows, digits):
+@pytest.mark.parametrize("int8_gemm", [True, False])  # `_int_mm` (VNNI CPUs), or the float weight in pieces
+def test_int8_layer_and_embedding(rows, digits, int8_gemm, monkeypatch):
+    monkeypatch.setattr(quant_linear, "INT8_GEMM", int8_gemm)
+    monkeypatch.setattr(quant_linear, "FLOAT_PIECE_BYTES", 128 * 4 * 64)  # 300 rows in 5 pieces
     torch.manual_seed(0)
     w = torch.randn(300, 128)
     layer, table = Int8Linear(128, 300, digits=digits), Int8Embedding(300, 128)
