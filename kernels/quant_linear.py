@@ -4,8 +4,9 @@ Two formats, chosen per layer by the `quant=` scheme (engine/quant/):
 
 - `Int8Linear`: int8 weights with one scale per output row. Several rows (prefill, batched decode) go
   through `torch._int_mm` (oneDNN's int8 GEMM) with the activations quantized per token to two int8
-  digits (one where the layer's inputs allow it); one row reads the int8 weight in a fused reduction
-  with float activations. Measured here (SmolLM2, `experiments/cpu_vs_llamacpp.py`): prefill 1.5x and
+  digits (one where the layer's inputs allow it) on CPUs with VNNI, and through an fp32 GEMM against the
+  weight converted to float elsewhere (`INT8_GEMM`); one row reads the int8 weight in a fused reduction
+  with float activations. Measured with VNNI (SmolLM2, `experiments/cpu_vs_llamacpp.py`): prefill 1.5x and
   batch-32 decode 1.3x fp32's speed, batch 1 1.6x, with a perplexity 0.3% from fp32's.
 - `Int4Linear`: 4-bit values in groups of 32 along the input, each group with its own scale and
   offset (w = scale * q + offset): the layout of GGUF's Q4_0, Q4_1 and Q4_K blocks, which therefore
@@ -13,13 +14,14 @@ Two formats, chosen per layer by the `quant=` scheme (engine/quant/):
   weights up to summation order. One row reads the packed nibbles directly (a fused reduction over
   tiles of 16 output rows); more rows dequantize the weight inside the graph and run one GEMM.
 
-Measured and rejected (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms): ATen's `_weight_int8pack_mm`
-(0.72 ms / 24 ms) and `_weight_int4pack_mm_for_cpu` (1.5 ms / 48 ms) run far below fp32 on these
-machines; fbgemm's `quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per
-tensor and is deprecated; dequantizing in the graph and calling an fp32 GEMM (3.0 ms at 32 rows for
-int8) writes a float copy of the weight at every step. oneDNN's prepacked `onednn.qlinear_pointwise`
-(uint8 activations; int8 ones took a reference path, 1.2 s per call) beat `_int_mm` by 7% at 64 rows
-over 30 layers' weights (24.8 vs 26.6 ms), by 25% at 32: not worth a second weight format yet.
+Measured and rejected on an AVX-512 VNNI machine (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms):
+ATen's `_weight_int8pack_mm` (0.72 ms / 24 ms) and `_weight_int4pack_mm_for_cpu` (1.5 ms / 48 ms) run far
+below fp32; fbgemm's `quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per
+tensor and is deprecated. oneDNN's prepacked `onednn.qlinear_pointwise` (uint8 activations; int8 ones
+took a reference path, 1.2 s per call) beat `_int_mm` by 7% at 64 rows over 30 layers' weights, by 25%
+at 32: not worth a second weight format there. On AVX2 it is 42x faster than `_int_mm` (SmolLM2's head
+at 64 rows: 27 vs 1134 ms; fp32 63 ms) but exact only for uint8 activations below 128 (its 16-bit pair sums
+saturate), and it needs that second, prepacked copy of the weight (docs/performance.md, 2026-12-04).
 torchao's CPU int4 kernels are not in its PyPI wheel.
 """
 

@@ -42,7 +42,7 @@ SMOKE = {
     "scale_out.py": {"bench.replicas": "[1]", "bench.policies": "[round_robin]", "bench.prefixes": "1",
                      "bench.questions": "2", "bench.prefix_words": "8", "bench.max_tokens": "2",
                      "bench.overhead_rounds": "1"},
-    "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[int8,int4]", "bench.prompt_tokens": "4",
+    "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[auto,int8]", "bench.prompt_tokens": "4",
                            "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
                            "bench.repeats": "1"},
 }  # fmt: skip
