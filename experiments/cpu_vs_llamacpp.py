@@ -108,10 +108,17 @@ class LlamaCpp:
         return [i for i, row in enumerate(rows) if row[3]]
 
 
-def engine_rates(cfg: DictConfig, mode: str) -> Rates:
+def engine_config(cfg: DictConfig, mode: str) -> EngineConfig:
+    """The engine's config for `mode`: with no other override, what a plain `LLM(quant=mode)` gets (a test
+    holds it to that)."""
+    cfg = cfg.copy()
     cfg.quant = OmegaConf.load(CONFIG_DIR / "quant" / f"{mode}.yaml")  # the group's choice, as quant=<mode> picks it
+    return EngineConfig.from_dictconfig(cfg)
+
+
+def engine_rates(cfg: DictConfig, mode: str) -> Rates:
     t = time.perf_counter()
-    with LLM(config=EngineConfig.from_dictconfig(cfg)) as llm:
+    with LLM(config=engine_config(cfg, mode)) as llm:
         log.info(
             "engine quant=%s: loaded in %.1f s, %.0f MB of weights",
             mode,

@@ -307,3 +307,19 @@ def test_a_checkpoint_of_the_wrong_shape_is_named(tiny_qwen3, tmp_path, mode, wi
     named = rf"model\.layers\.0\.mlp\.\w+_proj\.weight' has shape .*128.*expected .*{width}"
     with pytest.raises(ValueError, match=named):
         LLM(str(bad), quant=mode, dtype="float32", enforce_eager=True, progress_bar=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_llama_cpp_benchmark_runs_what_a_plain_llm_gets(mode):
+    """experiments/cpu_vs_llamacpp.py measures the engine exactly as `LLM(quant=mode)` builds it (a benchmark
+    that differed from the plain path once reported 1.2x llama.cpp where users got 0.17x)."""
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from cpu_vs_llamacpp import engine_config
+
+    from engine.config import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("cpu_vs_llamacpp")
+    assert engine_config(cfg, mode) == compose_config(quant=mode)
