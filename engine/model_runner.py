@@ -267,6 +267,7 @@ def build_runner(
         keep_freed_memory_in_heap()
     pool = KVPool(mc.num_layers, kv_heads_per_rank(mc, tp), mc.head_dim, num_pages, page_size, dtype, device)
     backend = cfg.attention.build(k_cache=pool.k, v_cache=pool.v, page_size=page_size)
+    backend.use_windows(mc.windows())
     model = build_model(source, mc, backend, dtype, device, tp, cfg.quant.build().for_placement(device.type, tp.size))
     runner = ModelRunner(
         model,

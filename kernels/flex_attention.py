@@ -17,11 +17,11 @@ _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
 @torch.compiler.disable(recursive=False)
-def _flex_outside_caller_graph(q, k, v, block_mask):
+def _flex_outside_caller_graph(q, k, v, block_mask, scale):
     # Inside a compiled decode step, inductor's CPU flex template cannot take K/V that are views of a
     # buffer mutated in the same graph (the cache write); splitting the graph here hands it real
     # inputs. The flex call itself is still compiled, on its own.
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
 class FlexPagedAttention(PagedAttentionBase):
@@ -52,7 +52,9 @@ class FlexPagedAttention(PagedAttentionBase):
         span = (1 << (blocks - 1).bit_length()) * self.kv_block_size // self.page_size
         return max(1, min(span, self.num_pages))
 
-    def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, BlockMask]:
+    def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, dict[int, BlockMask]]:
+        """The batch and one block mask per window (0: the whole context), shared by every layer. A window's
+        mask also lets the kernel skip the blocks that lie wholly before it."""
         b, pages = batch.page_table.shape
         device = batch.positions.device
         span = self._span(batch.page_table)
@@ -65,29 +67,52 @@ class FlexPagedAttention(PagedAttentionBase):
         q_pos = self.query_positions(batch)
         ps = self.page_size
 
-        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
-            page = phys_to_logical[b_idx, kv_idx // ps]
-            return (page >= 0) & (page * ps + kv_idx % ps <= q_pos[b_idx, q_idx])
+        def mask_mod(window):
+            def visible(b_idx, h_idx, q_idx, kv_idx):
+                page = phys_to_logical[b_idx, kv_idx // ps]
+                pos, query = page * ps + kv_idx % ps, q_pos[b_idx, q_idx]
+                seen = (page >= 0) & (pos <= query)
+                return seen & (pos > query - window) if window else seen
 
-        block_mask = create_block_mask(
-            mask_mod, b, None, batch.max_query_len, span * ps, device=device, BLOCK_SIZE=(128, self.kv_block_size)
-        )
-        return batch, block_mask
+            return visible
+
+        masks = {
+            w: create_block_mask(
+                mask_mod(w), b, None, batch.max_query_len, span * ps, device=device, BLOCK_SIZE=(128, self.kv_block_size)
+            )
+            for w in (0, *self.windows)
+        }
+        return batch, masks
 
     def forward(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: tuple[PagedBatch, dict[int, BlockMask]],
+        window: int = 0,
+        scale: float | None = None,
     ) -> torch.Tensor:
-        batch, block_mask = meta
+        batch, masks = meta
+        block_mask = masks[window]
         self.write_kv(cache, k, v, batch.slot_mapping)
         kc, vc = cache
         span = block_mask.seq_lengths[1]
         keys = kc.view(1, -1, *kc.shape[2:])[:, :span].transpose(1, 2)
         values = vc.view(1, -1, *vc.shape[2:])[:, :span].transpose(1, 2)
-        out = _flex_outside_caller_graph(self.pad_queries(q, batch), keys, values, block_mask)
+        out = _flex_outside_caller_graph(self.pad_queries(q, batch), keys, values, block_mask, scale)
         return self.unpad(out, batch)
 
     def decode(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, BlockMask]
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: tuple[PagedBatch, dict[int, BlockMask]],
+        window: int = 0,
+        scale: float | None = None,
     ) -> torch.Tensor:
-        # The block mask already covers one query per row; nothing to specialise.
-        return self.forward(cache, q, k, v, meta)
+        # The block masks already cover one query per row; nothing to specialise.
+        return self.forward(cache, q, k, v, meta, window, scale)

@@ -60,6 +60,13 @@ class PagedAttentionBase(ABC):
 
     def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int) -> None:
         self.k_cache, self.v_cache, self.page_size = k_cache, v_cache, page_size
+        self.windows: tuple[int, ...] = ()
+
+    def use_windows(self, windows: tuple[int, ...]) -> None:
+        """The model's sliding windows (its layers attend with one of them, or with 0: the whole context), so
+        that `prepare` can build each one's masks once per step. A backend that cannot mask to a window
+        refuses here, at start-up."""
+        self.windows = tuple(windows)
 
     def padded_query_len(self, longest: int) -> int:
         """Row length L for a step whose longest query has `longest` tokens."""
@@ -82,23 +89,35 @@ class PagedAttentionBase(ABC):
         return LayerCache(self.k_cache[layer], self.v_cache[layer])
 
     @abstractmethod
-    def forward(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
-        """Write this step's K/V and attend: [T, H, D] flattened queries of any mix of rows -> [T, H, D]."""
+    def forward(
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, window: int = 0,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Write this step's K/V and attend: [T, H, D] flattened queries of any mix of rows -> [T, H, D].
+        `window` > 0: a query sees only the last `window` positions (itself included); `scale`: the softmax
+        scale, None for 1/sqrt(D)."""
 
     @abstractmethod
-    def decode(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+    def decode(
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, window: int = 0,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """`forward` for one query per row, traced into the compiled decode graph."""
 
-    def attend(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+    def attend(
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, window: int = 0,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Attention for one layer. `meta` is None inside a compiled prefill graph: there attention is one
         opaque op per layer that finds this step's metadata in `opaque_attention_step`, so the graph
         around it (GEMMs, norms, RoPE, MLP) compiles once for every step shape while the varying,
         data-dependent attention (request lengths, prefill/decode groups) stays eager."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         if meta is None:
-            return torch.ops.engine.paged_attention(q, k, v, cache.k, cache.v)
+            return torch.ops.engine.paged_attention(q, k, v, cache.k, cache.v, window, scale)
         if isinstance(meta, DecodeStep):
-            return self.decode(cache, q, k, v, meta.meta)
-        return self.forward(cache, q, k, v, meta)
+            return self.decode(cache, q, k, v, meta.meta, window, scale)
+        return self.forward(cache, q, k, v, meta, window, scale)
 
     @staticmethod
     def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -147,15 +166,19 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
 # the write, and the compiler is spared functionalizing a write into the whole pool.
 @torch.library.custom_op("engine::paged_attention", mutates_args=())
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int,
+    scale: float,
 ) -> torch.Tensor:
     step = getattr(_step, "current", None)
     if step is None:
         raise RuntimeError("engine::paged_attention ran outside `opaque_attention_step`: no step metadata")
     backend, meta = step
-    return backend.forward(LayerCache(k_cache, v_cache), q, k, v, meta).contiguous()
+    return backend.forward(LayerCache(k_cache, v_cache), q, k, v, meta, window, scale).contiguous()
 
 
 @paged_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int,
+    scale: float,
+) -> torch.Tensor:
     return q.new_empty(q.shape)

@@ -22,11 +22,12 @@ from engine.kernels.paged import LayerCache, PagedAttentionBase, PagedBatch
 @dataclass
 class Part:
     """Rows attended by one SDPA call: `tokens` (None: every token of the step) with their sub-batch, and
-    the mask; None when the rows are whole prompts (nothing cached before them), which SDPA masks as causal."""
+    the mask of each window (0: the whole context); a mask is None when the rows are whole prompts (nothing
+    cached before them) that the window does not cut, which SDPA masks as causal."""
 
     tokens: torch.Tensor | slice | None
     batch: PagedBatch
-    mask: torch.Tensor | None
+    masks: dict[int, torch.Tensor | None]
 
 
 class SDPAAttention(PagedAttentionBase):
@@ -38,7 +39,7 @@ class SDPAAttention(PagedAttentionBase):
         share one padded call: padded with a chunk, each would carry a whole chunk of padded queries (a
         512-token step with 47 decode rows ran 2x slower that way)."""
         if batch.pad_index is None:
-            return batch, [Part(None, batch, self._mask(batch))]
+            return batch, [Part(None, batch, self._masks(batch))]
         query_lens, seq_lens = batch.query_lens, batch.host_seq_lens
         starts = list(itertools.accumulate([0, *query_lens]))
         shapes: dict[tuple[int, int], list[int]] = {}
@@ -66,22 +67,36 @@ class SDPAAttention(PagedAttentionBase):
             pad_index=None,
         )
         whole_prompts = n > 1 and seq_lens[rows[0]] == n
-        return Part(tokens, sub, None if whole_prompts else self._mask(sub))
+        return Part(tokens, sub, self._masks(sub, causal_up_to=n if whole_prompts else 0))
 
     def prepare_decode(self, batch: PagedBatch) -> PagedBatch:
         return batch
 
     def decode(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, window: int = 0,
+        scale: float | None = None,
     ) -> torch.Tensor:
         self.write_kv(cache, k, v, batch.slot_mapping)
-        return paged_decode_attention(q, cache.k, cache.v, batch.page_table, batch.positions)
+        return paged_decode_attention(q, cache.k, cache.v, batch.page_table, batch.positions, window, scale)
 
-    def _mask(self, batch: PagedBatch) -> torch.Tensor:
-        """[B, 1, L, S]: a slot is visible up to the query's own position (causality, padding, stale slots)."""
+    def _masks(self, batch: PagedBatch, causal_up_to: int = 0) -> dict[int, torch.Tensor | None]:
+        """Each window's mask; with `causal_up_to` (whole prompts of that length) None wherever SDPA's causal
+        masking is the same thing (no window, or one the prompts fit in)."""
+        return {
+            w: None if causal_up_to and (w == 0 or causal_up_to <= w) else self._mask(batch, w)
+            for w in (0, *self.windows)
+        }
+
+    def _mask(self, batch: PagedBatch, window: int) -> torch.Tensor:
+        """[B, 1, L, S]: a slot is visible up to the query's own position (causality, padding, stale slots),
+        and with a window from `window` - 1 positions before it."""
         context = batch.page_table.shape[1] * self.page_size
-        kv_pos = torch.arange(context, device=batch.positions.device)
-        return (kv_pos.view(1, 1, -1) <= self.query_positions(batch).unsqueeze(-1)).unsqueeze(1)
+        kv_pos = torch.arange(context, device=batch.positions.device).view(1, 1, -1)
+        q_pos = self.query_positions(batch).unsqueeze(-1)
+        visible = kv_pos <= q_pos
+        if window:
+            visible &= kv_pos > q_pos - window
+        return visible.unsqueeze(1)
 
     def _gather(self, cache: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, P*page_size, D] context of each row. index_select over whole pages measured ~6x
@@ -91,29 +106,38 @@ class SDPAAttention(PagedAttentionBase):
         return rows.view(b, pages * self.page_size, *cache.shape[2:]).transpose(1, 2)
 
     def forward(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: tuple[PagedBatch, list[Part]]
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: tuple[PagedBatch, list[Part]],
+        window: int = 0,
+        scale: float | None = None,
     ) -> torch.Tensor:
         batch, parts = meta
         self.write_kv(cache, k, v, batch.slot_mapping)
         if parts[0].tokens is None:
-            return self._attend(cache, q, parts[0])
+            return self._attend(cache, q, parts[0], window, scale)
         out = torch.empty_like(q)
         for part in parts:
-            out[part.tokens] = self._attend(cache, q[part.tokens], part)
+            out[part.tokens] = self._attend(cache, q[part.tokens], part, window, scale)
         return out
 
-    def _attend(self, cache: LayerCache, q: torch.Tensor, part: Part) -> torch.Tensor:
-        batch = part.batch
+    def _attend(self, cache: LayerCache, q: torch.Tensor, part: Part, window: int, scale: float | None) -> torch.Tensor:
+        batch, mask = part.batch, part.masks[window]
         keys = self._gather(cache.k, batch.page_table)
         values = self._gather(cache.v, batch.page_table)
-        if part.mask is None:  # whole prompts: each row's context is its queries
+        if mask is None or part.masks[0] is None:  # whole prompts: each row's context is its queries
             keys, values = keys[:, :, : batch.max_query_len], values[:, :, : batch.max_query_len]
+            mask = None if mask is None else mask[..., : batch.max_query_len]
         out = F.scaled_dot_product_attention(
             self.pad_queries(q, batch),
             keys.to(q.dtype),
             values.to(q.dtype),
-            attn_mask=part.mask,
-            is_causal=part.mask is None,
+            attn_mask=mask,
+            is_causal=mask is None,
             enable_gqa=True,
+            scale=scale,
         )
         return self.unpad(out, batch)

@@ -123,6 +123,7 @@ def triton_paged_attention(
     seq_lens: torch.Tensor,
     blocks: torch.Tensor | None,
     block_q: int,
+    scale: float,
 ) -> torch.Tensor:
     """Write k, v [T, Hkv, D] at their slots, then attend: q [T, H, D] -> [T, H, D] over the paged caches
     [pages, page_size, Hkv, D], one program per block of queries and KV head. `blocks` None: one query per row
@@ -142,7 +143,7 @@ def triton_paged_attention(
         query_start, block_row, block_first = blocks.split([rows + 1, num_blocks, num_blocks])
     _paged_attention_kernel[(num_blocks, kv_heads)](
         q, k_cache, v_cache, out, page_table, seq_lens, query_start, block_row, block_first,
-        dim**-0.5,
+        scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
         seq_lens.stride(0),
@@ -156,7 +157,7 @@ def triton_paged_attention(
 
 
 @triton_paged_attention.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, page_table, seq_lens, blocks, block_q):
+def _(q, k, v, k_cache, v_cache, slot_mapping, page_table, seq_lens, blocks, block_q, scale):
     return torch.empty_like(q)
 
 
@@ -180,6 +181,13 @@ class TritonAttention(PagedAttentionBase):
             raise RuntimeError("attention=triton needs the triton package (it comes with CUDA builds of torch)")
         super().__init__(k_cache, v_cache, page_size)
 
+    def use_windows(self, windows: tuple[int, ...]) -> None:
+        if windows:
+            raise ValueError(
+                f"attention=triton does not implement sliding windows (this model's layers use {list(windows)}): "
+                "use attention=sdpa or attention=flex"
+            )
+
     def prepare(self, batch: PagedBatch) -> TritonStep:
         """Blocks of up to `block_q` queries per row, from the host-side query lengths: one small host-to-
         device copy, no device read."""
@@ -198,16 +206,20 @@ class TritonAttention(PagedAttentionBase):
         return batch
 
     def forward(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TritonStep
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TritonStep, window: int = 0,
+        scale: float | None = None,
     ) -> torch.Tensor:
         batch = meta.batch
         return triton_paged_attention(
-            q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, meta.blocks, meta.block_q
-        )
+            q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, meta.blocks, meta.block_q,
+            q.shape[-1] ** -0.5 if scale is None else scale,
+        )  # fmt: skip
 
     def decode(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch
+        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, window: int = 0,
+        scale: float | None = None,
     ) -> torch.Tensor:
         return triton_paged_attention(
-            q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, None, 1
-        )
+            q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, None, 1,
+            q.shape[-1] ** -0.5 if scale is None else scale,
+        )  # fmt: skip

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from engine.models.source import ModelSource, gguf_cache_dir
-from engine.models.transformer import CausalLM, ModelConfig
+from engine.models.transformer import FULL, SLIDING, CausalLM, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
 from engine.progress import progress
 from engine.quant.base import NoQuant, QuantScheme, format_of, quantize_modules, weight_bytes
@@ -95,18 +95,32 @@ def _cached_gguf_config(path: Path) -> ModelConfig:
     return cfg
 
 
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+# llama.cpp's Gemma 3: every sixth layer attends to the whole context, the others to the window, and the
+# sliding layers rotate with base 10000 (both fixed in llama.cpp, as in transformers' Gemma3TextConfig).
+GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
+
+
 def _gguf_config(path: Path) -> ModelConfig:
     reader = _gguf_reader(path)
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"unsupported GGUF architecture {arch!r} in {path}")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {path}: supported are {', '.join(GGUF_ARCHITECTURES)} "
+            "(see the README's supported-models table)"
+        )
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     names = {t.name for t in reader.tensors}
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     hidden, heads = get("embedding_length"), get("attention.head_count")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eos = [_field(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")]
+    gemma = arch == "gemma3"
+    layers = get("block_count")
+    window = get("attention.sliding_window") if gemma else None
+    pattern = get("attention.sliding_window_pattern", GEMMA3_GLOBAL_EVERY) if gemma else None
+    factor = get("rope.scaling.factor")
     return ModelConfig(
-        architecture=arch,
+        architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=int(embd.shape[1]),
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
@@ -119,9 +133,16 @@ def _gguf_config(path: Path) -> ModelConfig:
         max_position_embeddings=get("context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm=arch == "qwen3",
-        eos_token_ids=[] if eos is None else [int(eos)],
+        qk_norm=arch in ("qwen3", "gemma3"),
+        rope_scaling={"rope_type": "linear", "factor": float(factor)} if factor and factor != 1 else None,
+        eos_token_ids=sorted({int(e) for e in eos if e is not None}),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        hidden_act="gelu_pytorch_tanh" if gemma else "silu",
+        sliding_window=window,
+        layer_types=[FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers)] if window else None,
+        gemma=gemma,
+        query_pre_attn_scalar=get("attention.key_length") if gemma else None,
+        rope_local_theta=GEMMA3_LOCAL_ROPE_BASE if gemma else None,
     )
 
 
@@ -155,6 +176,13 @@ _GGUF_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+# Gemma 3 norms around attention and the MLP ("sandwich"); its ffn_norm is the norm before the MLP.
+_GGUF_GEMMA_NAMES = {
+    **_GGUF_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -203,6 +231,7 @@ class GGUFTensor:
     tensor: Any  # gguf.ReaderTensor
     head_dim: int
     permuted: bool  # llama.cpp's rotary row order (Q and K of llama models)
+    shift: float = 0.0  # added to the values: llama.cpp stores Gemma's norm weights as 1 + w
 
     @property
     def type_name(self) -> str:
@@ -217,7 +246,7 @@ class GGUFTensor:
 
         # Quantized blocks run along a row, so whole rows dequantize on their own.
         w = torch.from_numpy(gguf.dequantize(self.tensor.data[part[0]], self.tensor.tensor_type).copy())
-        return self._rows_in_hf_order(w)[(slice(None),) + part[1 : w.dim()]]
+        return self._rows_in_hf_order(w + self.shift if self.shift else w)[(slice(None),) + part[1 : w.dim()]]
 
     def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values, scales, offsets) of whole rows of a Q4_0/Q4_1/Q4_K tensor, without loss."""
@@ -231,10 +260,11 @@ class GGUFTensor:
 def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
     reader = _gguf_reader(path)
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, _GGUF_GEMMA_NAMES if cfg.gemma else _GGUF_NAMES)
         if name is not None:
             permuted = cfg.architecture == "llama" and t.name.rsplit(".", 1)[0].endswith(("attn_q", "attn_k"))
-            yield name, GGUFTensor(t, cfg.head_dim, permuted)
+            shift = -1.0 if cfg.gemma and t.name.endswith("norm.weight") else 0.0
+            yield name, GGUFTensor(t, cfg.head_dim, permuted, shift)
             _drop_pages(reader, t)  # the consumer is done with it
 
 
@@ -249,11 +279,11 @@ def _drop_pages(reader: Any, t: Any) -> None:
     mapping.madvise(mmap.MADV_DONTNEED, start, min(end, len(mapping)) - start)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, names: dict[str, str]) -> str | None:
     stem, kind = gguf_name.rsplit(".", 1)
     if stem.startswith("blk."):
         _, layer, part = stem.split(".", 2)
-        return f"model.layers.{layer}.{_GGUF_NAMES[part]}.{kind}" if part in _GGUF_NAMES else None
+        return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
     return f"{_GGUF_TOP[stem]}.{kind}" if stem in _GGUF_TOP else None
 
 
@@ -269,6 +299,8 @@ def _placement(name: str, cfg: ModelConfig, tp: TPGroup) -> tuple[str, slice | N
     name = name.removeprefix("model.")
     if (name == "lm_head.weight" and cfg.tie_word_embeddings) or "rotary_emb" in name:
         return None
+    if ".mlp.experts." in name:
+        return _expert_placement(name, cfg)
     d = cfg.head_dim
     heads = shard_heads(cfg.num_heads, cfg.num_kv_heads, tp.size, tp.rank)
     q, kv = heads.q_heads * d, heads.kv_heads * d
@@ -296,13 +328,63 @@ def _placement(name: str, cfg: ModelConfig, tp: TPGroup) -> tuple[str, slice | N
     return name, None, (everything,)
 
 
+def _expert_placement(name: str, cfg: ModelConfig) -> tuple[str, Any, tuple[slice, ...]]:
+    """Qwen3-MoE experts into the stacked [experts, out, in] parameters, from per-expert tensors
+    (`mlp.experts.E.gate_proj.weight`, the published checkpoints) or already stacked ones (transformers 5)."""
+    prefix, rest = name.split(".mlp.experts.", 1)
+    width, everything = cfg.moe_intermediate_size, slice(None)
+    if rest in ("gate_up_proj", "down_proj"):
+        return f"{prefix}.mlp.experts_{rest.removesuffix('_proj')}", None, (everything,)
+    expert, proj, _ = rest.split(".")
+    rows = {"gate_proj": slice(0, width), "up_proj": slice(width, 2 * width), "down_proj": everything}[proj]
+    target = "experts_down" if proj == "down_proj" else "experts_gate_up"
+    return f"{prefix}.mlp.{target}", (int(expert), rows), (everything,)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowRange:
+    """A PartReader of rows [start, stop) of another: one projection of a fused checkpoint tensor."""
+
+    read: PartReader
+    start: int
+    stop: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.read.shape[1:])
+
+    def __call__(self, part: tuple[slice, ...]) -> torch.Tensor:
+        rows = range(self.start, self.stop)[part[0]]
+        return self.read((slice(rows.start, rows.stop), *part[1:]))
+
+
+def _unfused(tensors: Iterator[tuple[str, PartReader]], cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
+    """Phi-3 stores Q/K/V and gate/up fused; split into the separate projections, so that tensor-parallel
+    ranks and the fused parameters of our model take their rows as from any other checkpoint."""
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    splits = {
+        "self_attn.qkv_proj": {"self_attn.q_proj": (0, q), "self_attn.k_proj": (q, q + kv), "self_attn.v_proj": (q + kv, q + 2 * kv)},
+        "mlp.gate_up_proj": {"mlp.gate_proj": (0, inter), "mlp.up_proj": (inter, 2 * inter)},
+    }  # fmt: skip
+    for name, read in tensors:
+        fused = next((f for f in splits if f".{f}." in name), None) if cfg.architecture == "phi3" else None
+        if fused is None:
+            yield name, read
+            continue
+        total = max(stop for _, stop in splits[fused].values())
+        if read.shape[0] != total:
+            raise ValueError(f"checkpoint tensor {name!r} has {read.shape[0]} rows, expected {total} by the config")
+        for part, (start, stop) in splits[fused].items():
+            yield name.replace(fused, part), RowRange(read, start, stop)
+
+
 def load_weights(model: CausalLM, src: ModelSource, convert: bool = True) -> None:
     """Fill the model from the checkpoint, tensor by tensor (`convert`: see iter_checkpoint)."""
     state = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
     quantized = {name for name, m in modules.items() if format_of(m) is not None}
     seen: set[str] = set()
-    for name, read in iter_checkpoint(src, model.config, convert):
+    for name, read in _unfused(iter_checkpoint(src, model.config, convert), model.config):
         place = _placement(name, model.config, model.tp)
         if place is None:
             continue
@@ -405,7 +487,7 @@ def build_model(
     for t in model.state_dict().values():
         t.zero_()  # vocab padding rows of a sharded embedding are never loaded
     model.tie_weights()
-    model.rope.build_table()  # not in the checkpoint: computed, and meta tensors hold no values
+    model.build_rope_tables()  # not in the checkpoint: computed, and meta tensors hold no values
     if cached:
         _load_state(model, cache / CONVERTED_WEIGHTS)
     else:
