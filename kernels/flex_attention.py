@@ -76,10 +76,9 @@ class FlexPagedAttention(PagedAttentionBase):
 
             return visible
 
+        blocks = (128, self.kv_block_size)
         masks = {
-            w: create_block_mask(
-                mask_mod(w), b, None, batch.max_query_len, span * ps, device=device, BLOCK_SIZE=(128, self.kv_block_size)
-            )
+            w: create_block_mask(mask_mod(w), b, None, batch.max_query_len, span * ps, device=device, BLOCK_SIZE=blocks)
             for w in (0, *self.windows)
         }
         return batch, masks

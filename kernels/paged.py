@@ -90,7 +90,13 @@ class PagedAttentionBase(ABC):
 
     @abstractmethod
     def forward(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, window: int = 0,
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: Any,
+        window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
         """Write this step's K/V and attend: [T, H, D] flattened queries of any mix of rows -> [T, H, D].
@@ -99,13 +105,25 @@ class PagedAttentionBase(ABC):
 
     @abstractmethod
     def decode(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, window: int = 0,
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: Any,
+        window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
         """`forward` for one query per row, traced into the compiled decode graph."""
 
     def attend(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, window: int = 0,
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: Any,
+        window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
         """Attention for one layer. `meta` is None inside a compiled prefill graph: there attention is one
@@ -166,7 +184,12 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
 # the write, and the compiler is spared functionalizing a write into the whole pool.
 @torch.library.custom_op("engine::paged_attention", mutates_args=())
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    window: int,
     scale: float,
 ) -> torch.Tensor:
     step = getattr(_step, "current", None)
@@ -178,7 +201,12 @@ def paged_attention(
 
 @paged_attention.register_fake
 def _(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    window: int,
     scale: float,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)

@@ -73,7 +73,13 @@ class SDPAAttention(PagedAttentionBase):
         return batch
 
     def decode(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, window: int = 0,
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: PagedBatch,
+        window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
         self.write_kv(cache, k, v, batch.slot_mapping)

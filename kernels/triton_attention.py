@@ -206,7 +206,13 @@ class TritonAttention(PagedAttentionBase):
         return batch
 
     def forward(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TritonStep, window: int = 0,
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: TritonStep,
+        window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
         batch = meta.batch
@@ -216,7 +222,13 @@ class TritonAttention(PagedAttentionBase):
         )  # fmt: skip
 
     def decode(
-        self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, window: int = 0,
+        self,
+        cache: LayerCache,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: PagedBatch,
+        window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
         return triton_paged_attention(

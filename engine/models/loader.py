@@ -363,9 +363,13 @@ def _unfused(tensors: Iterator[tuple[str, PartReader]], cfg: ModelConfig) -> Ite
     ranks and the fused parameters of our model take their rows as from any other checkpoint."""
     q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     splits = {
-        "self_attn.qkv_proj": {"self_attn.q_proj": (0, q), "self_attn.k_proj": (q, q + kv), "self_attn.v_proj": (q + kv, q + 2 * kv)},
+        "self_attn.qkv_proj": {
+            "self_attn.q_proj": (0, q),
+            "self_attn.k_proj": (q, q + kv),
+            "self_attn.v_proj": (q + kv, q + 2 * kv),
+        },
         "mlp.gate_up_proj": {"mlp.gate_proj": (0, inter), "mlp.up_proj": (inter, 2 * inter)},
-    }  # fmt: skip
+    }
     for name, read in tensors:
         fused = next((f for f in splits if f".{f}." in name), None) if cfg.architecture == "phi3" else None
         if fused is None:

@@ -20,7 +20,6 @@ from torch import nn
 from engine.kernels.paged import LayerCache, PagedAttentionBase
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
 
-
 # Per family: what the HF config's model_type turns on (see ModelConfig.from_hf).
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma3_text")
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -245,7 +244,8 @@ class RotaryEmbedding(nn.Module):
         if self.rotary_dim == q.shape[-1]:
             return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         r = self.rotary_dim
-        q_rot, k_rot = q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, k[..., :r] * cos + _rotate_half(k[..., :r]) * sin
+        q_rot = q[..., :r] * cos + _rotate_half(q[..., :r]) * sin
+        k_rot = k[..., :r] * cos + _rotate_half(k[..., :r]) * sin
         return torch.cat((q_rot, q[..., r:]), -1), torch.cat((k_rot, k[..., r:]), -1)
 
 
@@ -327,7 +327,8 @@ class MoE(nn.Module):
         if tp.size > 1:
             raise ValueError("tensor parallelism is not implemented for mixture-of-experts layers (qwen3_moe)")
         experts, width, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.top_k, self.norm_topk_prob, self.act = cfg.num_experts_per_tok, cfg.norm_topk_prob, activation(cfg.hidden_act)
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.act = activation(cfg.hidden_act)
         self.gate = nn.Linear(hidden, experts, bias=False)
         self.experts_gate_up = nn.Parameter(torch.empty(experts, 2 * width, hidden))
         self.experts_down = nn.Parameter(torch.empty(experts, hidden, width))
