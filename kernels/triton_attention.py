@@ -37,6 +37,7 @@ if triton is not None:
         stride_ot, stride_oh, stride_pt, stride_sl,
         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DECODE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        WINDOW: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -69,7 +70,10 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         kv_end = tl.minimum(seq_len, context + first + BLOCK_Q)  # causal: the block's last query's span
-        for start in range(0, kv_end, BLOCK_N):
+        kv_start = 0
+        if WINDOW > 0:  # blocks wholly before the first query's window are skipped
+            kv_start = tl.maximum(context + first - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        for start in range(kv_start, kv_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             valid_n = offs_n < kv_end
             page = tl.load(page_table_ptr + row * stride_pt + offs_n // PAGE_SIZE, mask=valid_n, other=0)
@@ -81,6 +85,8 @@ if triton is not None:
             )
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             visible = valid_n[None, :] & (offs_n[None, :] <= position[:, None])
+            if WINDOW > 0:
+                visible = visible & (offs_n[None, :] > position[:, None] - WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -123,6 +129,7 @@ def triton_paged_attention(
     seq_lens: torch.Tensor,
     blocks: torch.Tensor | None,
     block_q: int,
+    window: int,
     scale: float,
 ) -> torch.Tensor:
     """Write k, v [T, Hkv, D] at their slots, then attend: q [T, H, D] -> [T, H, D] over the paged caches
@@ -151,13 +158,13 @@ def triton_paged_attention(
         # fp32 stays fp32 (tl.dot would take TF32 on a GPU: not token-exact against transformers in fp32)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # 64 slots per iteration: four pages' loads in flight instead of one (each slot's page is looked up)
-        BLOCK_M=_block_m(group, block_q), BLOCK_N=max(64, page_size),
+        BLOCK_M=_block_m(group, block_q), BLOCK_N=max(64, page_size), WINDOW=window,
     )  # fmt: skip
     return out
 
 
 @triton_paged_attention.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, page_table, seq_lens, blocks, block_q, scale):
+def _(q, k, v, k_cache, v_cache, slot_mapping, page_table, seq_lens, blocks, block_q, window, scale):
     return torch.empty_like(q)
 
 
@@ -180,13 +187,6 @@ class TritonAttention(PagedAttentionBase):
         if triton is None:
             raise RuntimeError("attention=triton needs the triton package (it comes with CUDA builds of torch)")
         super().__init__(k_cache, v_cache, page_size)
-
-    def use_windows(self, windows: tuple[int, ...]) -> None:
-        if windows:
-            raise ValueError(
-                f"attention=triton does not implement sliding windows (this model's layers use {list(windows)}): "
-                "use attention=sdpa or attention=flex"
-            )
 
     def prepare(self, batch: PagedBatch) -> TritonStep:
         """Blocks of up to `block_q` queries per row, from the host-side query lengths: one small host-to-
@@ -218,7 +218,7 @@ class TritonAttention(PagedAttentionBase):
         batch = meta.batch
         return triton_paged_attention(
             q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, meta.blocks, meta.block_q,
-            q.shape[-1] ** -0.5 if scale is None else scale,
+            window, q.shape[-1] ** -0.5 if scale is None else scale,
         )  # fmt: skip
 
     def decode(
@@ -233,5 +233,5 @@ class TritonAttention(PagedAttentionBase):
     ) -> torch.Tensor:
         return triton_paged_attention(
             q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, None, 1,
-            q.shape[-1] ** -0.5 if scale is None else scale,
+            window, q.shape[-1] ** -0.5 if scale is None else scale,
         )  # fmt: skip

@@ -61,13 +61,15 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+@pytest.mark.parametrize("window", [0, 7], ids=["full", "window-7"])
 @pytest.mark.parametrize("rows", [MIXED_ROWS, DECODE_ROWS], ids=["mixed", "decode"])
 @pytest.mark.parametrize("name", sorted(BACKENDS))
-def test_step_attention_matches_each_row_alone(name, rows, device):
+def test_step_attention_matches_each_row_alone(name, rows, window, device):
     """A step mixing whole prompts (two of one length, so SDPA gives them one call), a chunk after a cached
     prefix, single-token rows and prompts longer than the Triton kernel's query block; and a decode-only
     step (also through `decode`, the compiled path): each row's output equals causal attention over its own
-    context."""
+    context, or over the last `window` positions of it (a sliding layer, with a softmax scale of its own;
+    the step's rows are longer than the window, so the window cuts whole prompts too)."""
     from engine.kernels.paged import PagedBatch
 
     torch.manual_seed(0)
@@ -75,6 +77,8 @@ def test_step_attention_matches_each_row_alone(name, rows, device):
     k_cache = torch.randn(num_pages, page_size, kv_heads, dim, device=device)
     v_cache = torch.randn(num_pages, page_size, kv_heads, dim, device=device)
     backend = backend_class(name)([k_cache], [v_cache], page_size)
+    backend.use_windows((window,) if window else ())
+    scale = 0.3 if window else None
     width = max(-(-(c + n) // page_size) for c, n in rows)
     perm = (torch.randperm(num_pages - 1) + 1).tolist()
     table, positions, slots, pad_index = [], [], [], []
@@ -100,9 +104,9 @@ def test_step_attention_matches_each_row_alone(name, rows, device):
     meta = backend.prepare(batch)
     if name == "sdpa" and longest > 1:
         assert len(meta[1]) == 6, "equal whole prompts share a call; the single-token rows share one"
-    got = backend.forward(backend.layer_cache(0), q, k, v, meta)
+    got = backend.forward(backend.layer_cache(0), q, k, v, meta, window, scale)
     if longest == 1:
-        decoded = backend.decode(backend.layer_cache(0), q, k, v, backend.prepare_decode(batch))
+        decoded = backend.decode(backend.layer_cache(0), q, k, v, backend.prepare_decode(batch), window, scale)
         assert torch.allclose(decoded, got, atol=1e-5)
 
     start = 0
@@ -110,9 +114,11 @@ def test_step_attention_matches_each_row_alone(name, rows, device):
         context = torch.tensor(table[r], device=device)
         keys = k_cache[context].reshape(-1, kv_heads, dim)[: cached + n].transpose(0, 1)
         values = v_cache[context].reshape(-1, kv_heads, dim)[: cached + n].transpose(0, 1)
-        visible = torch.arange(cached + n, device=device) <= torch.arange(cached, cached + n, device=device)[:, None]
+        kv_pos = torch.arange(cached + n, device=device)
+        q_pos = torch.arange(cached, cached + n, device=device)[:, None]
+        visible = (kv_pos <= q_pos) & ((kv_pos > q_pos - window) if window else True)
         want = F.scaled_dot_product_attention(
-            q[start : start + n].transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True
+            q[start : start + n].transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True, scale=scale
         ).transpose(0, 1)
         assert torch.allclose(got[start : start + n], want, atol=1e-5), (r, (got[start : start + n] - want).abs().max())
         start += n
