@@ -1,4 +1,9 @@
-"""Llama-3 (with llama3 RoPE scaling) and Qwen2 (QKV bias) checkpoints, and hub ids from the local cache."""
+"""Every supported family against transformers, as tiny random checkpoints built with transformers' own config
+classes: Llama-3 (llama3 RoPE scaling), Qwen2 (QKV bias), Mistral (a sliding window on every layer), Phi-3
+(fused checkpoint tensors, longrope, partial rotary), Gemma 3 (sliding and full layers, per-type RoPE, sandwich
+norms, softmax scale of its own) and Qwen3-MoE (routed experts next to a dense layer); and hub ids from the
+local cache. Windows are 8 tokens and prompts up to ~90, so the window slides in prefill, in chunked prefill
+and in decode."""
 
 from __future__ import annotations
 
@@ -68,19 +73,202 @@ def tiny_qwen2(path):
     return _save(model, path)
 
 
-@pytest.mark.parametrize("build", [tiny_llama3, tiny_qwen2], ids=["llama3", "qwen2"])
-def test_family_matches_transformers(build, tmp_path):
+def tiny_mistral(path, sliding_window=8):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=sliding_window,
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+    )
+    torch.manual_seed(4)
+    return _save(MistralForCausalLM(cfg).eval(), path)
+
+
+def tiny_phi3(path):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=1024,  # longrope's attention factor: sqrt(1 + ln 4 / ln 1024)
+        initializer_range=0.5,
+        pad_token_id=0,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.2 * i for i in range(6)],
+            "long_factor": [3.0 + 0.2 * i for i in range(6)],
+            "partial_rotary_factor": 0.75,  # 12 of 16 dims rotate
+        },
+    )
+    torch.manual_seed(5)
+    return _save(Phi3ForCausalLM(cfg).eval(), path)
+
+
+def tiny_gemma3(path, sliding_window=8):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24,  # not head_dim: the softmax scale must come from it
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+        },
+    )
+    torch.manual_seed(3)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # (1 + w) norms start at w = 0: random w, so a dropped or misplaced norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+        # Scaled by sqrt(hidden), embeddings as large as the rest would drown what attention adds (the window
+        # would not change a greedy token); the untied head keeps the logits peaked.
+        model.model.embed_tokens.weight.mul_(0.1)
+    return _save(model, path)
+
+
+def tiny_qwen3_moe(path):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],  # layer 1 dense, 0 and 2 routed
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+    )
+    torch.manual_seed(6)
+    return _save(Qwen3MoeForCausalLM(cfg).eval(), path)
+
+
+FAMILIES = {
+    "llama3": tiny_llama3,
+    "qwen2": tiny_qwen2,
+    "mistral": tiny_mistral,
+    "phi3": tiny_phi3,
+    "gemma3": tiny_gemma3,
+    "qwen3_moe": tiny_qwen3_moe,
+}
+CONFIGS = {
+    "eager": dict(enforce_eager=True),
+    "chunked-prefill-7": dict(enforce_eager=True, max_num_batched_tokens=7),
+    "flex": dict(enforce_eager=True, attention="flex"),
+    "no-prefix-cache": dict(enforce_eager=True, cache="none"),
+    # ~100 tokens of KV per sequence at page size 4 -> 30 pages hold one or two at a time.
+    "preempting": dict(enforce_eager=True, page_size=4, num_pages=30, max_num_batched_tokens=64),
+    "compiled": dict(max_num_batched_tokens=32),
+    "compiled-regional": {"max_num_batched_tokens": 32, "compile.regional": True},
+}
+# Compiled runs take a minute each: the families whose compiled code differs (windows, experts).
+COMPILED_FAMILIES = {"mistral", "gemma3", "qwen3_moe"}
+MATRIX = [
+    pytest.param(f, c, marks=[pytest.mark.slow] if c.startswith("compiled") else [], id=f"{f}-{c}")
+    for f in FAMILIES
+    for c in CONFIGS
+    if not c.startswith("compiled") or f in COMPILED_FAMILIES
+]
+
+
+def _prompts(llm) -> list[list[int]]:
+    # Long prompts push positions past the llama3 scaling's original context (64) and past every window.
+    return [llm.encode(p * 4) for p in PROMPTS[:5]] + [llm.encode(p) for p in PROMPTS[5:]]
+
+
+@pytest.fixture(scope="module")
+def family(request, tmp_path_factory):
+    """(checkpoint, transformers' greedy continuations of the prompts), built once per family."""
     from transformers import AutoModelForCausalLM
 
-    path = build(tmp_path)
+    name = request.param
+    path = FAMILIES[name](tmp_path_factory.mktemp(name))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype=torch.float32, enforce_eager=True, progress_bar=False)
-    # Long prompts push positions past the llama3 scaling's original context (64).
-    ids = [llm.encode(p * 4) for p in PROMPTS[:4]]
-    expected = hf_greedy(hf, ids, 10)
-    outs = llm.generate_outputs(ids, max_tokens=10, temperature=0)
+    ids = _prompts(llm)
+    return path, ids, hf_greedy(hf, ids, MAX_NEW), hf
+
+
+MAX_NEW = 10
+
+
+@pytest.mark.parametrize(("family", "config"), MATRIX, indirect=["family"])
+def test_family_matches_transformers(family, config, device):
+    path, ids, expected, _ = family
+    llm = LLM(str(path), dtype=torch.float32, progress_bar=False, device=device, **CONFIGS[config])
     eos = llm.engine.eos_token_ids
-    assert [o.outputs[0].token_ids for o in outs] == [trim_at_eos(e, eos) for e in expected]
+    for attempt in range(2):  # the second pass finds every prompt in the prefix cache (unless it is off)
+        outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)
+        got = [o.outputs[0].token_ids for o in outs]
+        assert got == [trim_at_eos(e, eos) for e in expected], f"{config}, pass {attempt}"
+    stats = llm.engine.stats()
+    assert stats["kv_pages_free"] + stats["kv_pages_evictable"] == stats["kv_pages_total"], "KV pages leaked"
+    if config == "preempting":
+        assert stats["preemptions"] > 0, "the pool was meant to be too small for the batch"
+    if config in ("eager", "compiled"):
+        assert sum(o.usage.cached_tokens for o in outs) > 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"], indirect=True)
+def test_the_window_changes_the_reference(family):
+    """The windowed families' references would differ without the window: the matrix above tests the window."""
+    from transformers import AutoModelForCausalLM
+
+    path, ids, expected, _ = family
+    unwindowed = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, sliding_window=4096).eval()
+    assert hf_greedy(unwindowed, ids, MAX_NEW) != expected
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+def test_family_logprobs_match_transformers(family):
+    path, ids, _, hf = family
+    llm = LLM(str(path), dtype=torch.float32, enforce_eager=True, progress_bar=False)
+    outs = llm.generate_outputs(ids[:4], max_tokens=1, temperature=0, logprobs=True, top_logprobs=3)
+    for prompt, out in zip(ids[:4], outs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
+        lp, top = out.outputs[0].logprobs[0]
+        assert abs(lp - ref[out.outputs[0].token_ids[0]].item()) < 1e-3
+        assert [t for t, _ in top] == ref.topk(3).indices.tolist()
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*gemma3_text"):
+        LLM(str(tmp_path), enforce_eager=True, progress_bar=False)
 
 
 def test_hub_id_resolves_from_local_cache_without_network(tiny_qwen3, tmp_path, monkeypatch):
