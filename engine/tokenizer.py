@@ -29,9 +29,37 @@ def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(cached))
     with progress(log, f"converting the tokenizer of {src.path.name} for transformers (once per file)"):
         tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.path.name)
+        if tok.chat_template is None:
+            tok.chat_template = _family_template(src)
     with contextlib.suppress(OSError):  # read-only home: convert again next time
         tok.save_pretrained(str(cached))
     return tok
+
+
+# Gemma 3's chat format (Google's template for the instruction-tuned models): turns of user and "model",
+# a system message folded into the first user turn. Its GGUFs do not always carry it.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def _family_template(src: ModelSource) -> str | None:
+    from engine.models.loader import load_config
+
+    return GEMMA3_CHAT_TEMPLATE if load_config(src).architecture == "gemma3_text" else None
 
 
 def encode_chat(

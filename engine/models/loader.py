@@ -135,7 +135,7 @@ def _gguf_config(path: Path) -> ModelConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm=arch in ("qwen3", "gemma3"),
         rope_scaling={"rope_type": "linear", "factor": float(factor)} if factor and factor != 1 else None,
-        eos_token_ids=sorted({int(e) for e in eos if e is not None}),
+        eos_token_ids=sorted({int(e) for e in eos if e is not None} | _end_of_turn(reader, arch)),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         hidden_act="gelu_pytorch_tanh" if gemma else "silu",
         sliding_window=window,
@@ -144,6 +144,15 @@ def _gguf_config(path: Path) -> ModelConfig:
         query_pre_attn_scalar=get("attention.key_length") if gemma else None,
         rope_local_theta=GEMMA3_LOCAL_ROPE_BASE if gemma else None,
     )
+
+
+def _end_of_turn(reader: Any, arch: str) -> set[int]:
+    """Gemma ends a chat turn with <end_of_turn>, which its GGUFs do not list as EOS (transformers' generation
+    config for Gemma 3 does)."""
+    if arch != "gemma3":
+        return set()
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    return {tokens.index("<end_of_turn>")} if "<end_of_turn>" in tokens else set()
 
 
 @functools.lru_cache(maxsize=2)
