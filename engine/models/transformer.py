@@ -1,9 +1,12 @@
-"""Decoder-only transformer covering Llama, Qwen2 and Qwen3 in plain PyTorch.
+"""Decoder-only transformer covering Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Phi-3 and Gemma 3 in plain PyTorch.
 
-The three families differ only in two switches: Qwen2 adds a bias to the Q/K/V projection, Qwen3
-RMS-normalises each head of Q and K before RoPE. Tokens arrive flattened ([T] for the whole step, every
-request's new tokens back to back); only attention needs to know which request a token belongs to, and
-that lives in the attention backend's per-step metadata.
+The families differ in switches of one config (`ModelConfig`): a bias on Q/K/V (Qwen2), per-head RMSNorm of
+Q and K (Qwen3, Gemma 3), sliding-window layers (Mistral, Phi-3, Gemma 3's five of every six), RoPE scalings
+(llama3, linear, longrope) and partial rotary dims, Gemma's (1 + w) norms around attention and MLP, routed
+experts in place of the MLP (Qwen3-MoE). Checkpoint layouts (Phi-3's fused tensors, GGUF names) are the
+loader's business. Tokens arrive flattened ([T] for the whole step, every request's new tokens back to
+back); only attention needs to know which request a token belongs to, and that lives in the attention
+backend's per-step metadata.
 """
 
 from __future__ import annotations
