@@ -165,18 +165,19 @@ def test_attend_routes_decode_steps_to_the_decode_path():
         def prepare(self, batch):
             return "prefill-meta"
 
-        def forward(self, cache, q, k, v, meta):
-            calls.append(("forward", meta))
+        def forward(self, cache, q, k, v, meta, window=0, scale=None):
+            calls.append(("forward", meta, window, scale))
             return q
 
-        def decode(self, cache, q, k, v, meta):
-            calls.append(("decode", meta))
+        def decode(self, cache, q, k, v, meta, window=0, scale=None):
+            calls.append(("decode", meta, window, scale))
             return q
 
-    backend = Recorder([q := torch.zeros(1, 1, 1)], [q], 16)
+    backend = Recorder([q := torch.zeros(1, 1, 4)], [q], 16)
     backend.attend(backend.layer_cache(0), q, q, q, DecodeStep(backend.prepare_decode(None)))
-    backend.attend(backend.layer_cache(0), q, q, q, backend.prepare(None))
-    assert calls == [("decode", "prefill-meta"), ("forward", "prefill-meta")]
+    backend.attend(backend.layer_cache(0), q, q, q, backend.prepare(None), window=8, scale=0.25)
+    # A layer's window and scale reach the backend; no scale means 1/sqrt(head_dim).
+    assert calls == [("decode", "prefill-meta", 0, 0.5), ("forward", "prefill-meta", 8, 0.25)]
 
     class Incomplete(PagedAttentionBase):
         def prepare(self, batch):
