@@ -3,8 +3,8 @@
 Each call gathers its rows' pages into a contiguous [B, Hkv, P*page_size, D] view of their context; a
 boolean mask (position <= query position) covers causality, padding and stale slots at once, and a whole
 prompt (nothing cached before it) is masked by SDPA itself as causal. A sliding layer's mask also hides
-the slots `window` or more positions back (one mask per window, built once per step). GQA is left to SDPA (`enable_gqa`),
-which measured ~15x faster here than repeating K/V heads. Compiled decode steps (one query per row) skip
+the slots `window` or more positions back (one mask per window, built once per step). GQA is left to SDPA
+(`enable_gqa`), which measured ~15x faster here than repeating K/V heads. Compiled decode steps (one query per row) skip
 the gather and the mask: `decode` runs `paged_decode_attention`.
 """
 

@@ -283,3 +283,86 @@ def test_hub_id_resolves_from_local_cache_without_network(tiny_qwen3, tmp_path, 
     assert resolve_model("acme/tiny-qwen3").path == snapshot
     with pytest.raises(FileNotFoundError, match="acme/not-cached"):
         resolve_model("acme/not-cached")
+
+
+def write_qwen3_moe_gguf(model, path):
+    """The HF model as an F32 `qwen3moe` GGUF, laid out as llama.cpp's converter writes one (stacked expert
+    tensors, the router as ffn_gate_inp), with SmolLM2's tokenizer."""
+    import gguf
+
+    from engine.models.source import embedded_model_path
+
+    cfg, state = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    source = gguf.GGUFReader(str(embedded_model_path()))
+    for field in source.fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            w.add_key_value(
+                field.name, field.contents(), kind, field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            )
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"}
+    names |= {"self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    names |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp"}
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    w.add_tensor("output.weight", state["lm_head.weight"])
+    w.add_tensor("output_norm.weight", state["model.norm.weight"])
+    width = cfg.moe_intermediate_size
+    for i in range(cfg.num_hidden_layers):
+        for hf, ours in names.items():
+            w.add_tensor(f"blk.{i}.{ours}.weight", state[f"model.layers.{i}.{hf}.weight"])
+        gate_up = state[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :width].copy())
+        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", gate_up[:, width:].copy())
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", state[f"model.layers.{i}.mlp.experts.down_proj"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_qwen3_moe_gguf_matches_transformers(tmp_path, monkeypatch):
+    """A `qwen3moe` GGUF (every layer routed, top-k renormalised, as llama.cpp runs it) generates what
+    transformers generates from the same weights."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = Qwen3MoeConfig(
+        vocab_size=49152,  # SmolLM2's tokenizer
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(7)
+    hf = Qwen3MoeForCausalLM(cfg).eval()
+    path = write_qwen3_moe_gguf(hf, tmp_path / "tiny-moe.gguf")
+    llm = LLM(str(path), quant="none", dtype=torch.float32, enforce_eager=True, progress_bar=False)
+    assert llm.engine.model.config.moe_layers == [0, 1]
+    ids = [llm.encode(p * 3) for p in PROMPTS[:5]]
+    expected = hf_greedy(hf, ids, MAX_NEW)
+    outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)
+    assert [o.outputs[0].token_ids for o in outs] == [trim_at_eos(e, llm.engine.eos_token_ids) for e in expected]

@@ -95,7 +95,13 @@ def _cached_gguf_config(path: Path) -> ModelConfig:
     return cfg
 
 
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+    "gemma3": "gemma3_text",
+}
 # llama.cpp's Gemma 3: every sixth layer attends to the whole context, the others to the window, and the
 # sliding layers rotate with base 10000 (both fixed in llama.cpp, as in transformers' Gemma3TextConfig).
 GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
@@ -119,6 +125,7 @@ def _gguf_config(path: Path) -> ModelConfig:
     window = get("attention.sliding_window") if gemma else None
     pattern = get("attention.sliding_window_pattern", GEMMA3_GLOBAL_EVERY) if gemma else None
     factor = get("rope.scaling.factor")
+    experts = get("expert_count", 0) if arch == "qwen3moe" else 0
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=int(embd.shape[1]),
@@ -133,7 +140,7 @@ def _gguf_config(path: Path) -> ModelConfig:
         max_position_embeddings=get("context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm=arch in ("qwen3", "gemma3"),
+        qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
         rope_scaling={"rope_type": "linear", "factor": float(factor)} if factor and factor != 1 else None,
         eos_token_ids=sorted({int(e) for e in eos if e is not None} | _end_of_turn(reader, arch)),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
@@ -143,6 +150,12 @@ def _gguf_config(path: Path) -> ModelConfig:
         gemma=gemma,
         query_pre_attn_scalar=get("attention.key_length") if gemma else None,
         rope_local_theta=GEMMA3_LOCAL_ROPE_BASE if gemma else None,
+        # llama.cpp's qwen3moe: every layer routed, the top-k weights renormalised (Qwen3-MoE's own setting).
+        num_experts=experts,
+        num_experts_per_tok=get("expert_used_count", 0) if experts else 0,
+        moe_intermediate_size=get("expert_feed_forward_length", 0) if experts else 0,
+        norm_topk_prob=bool(get("expert_weights_norm", True)) if experts else False,
+        moe_layers=list(range(layers)) if experts else [],
     )
 
 
@@ -185,6 +198,10 @@ _GGUF_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_exps",
+    "ffn_up_exps": "mlp.experts.up_exps",
+    "ffn_down_exps": "mlp.experts.down_exps",
 }
 # Gemma 3 norms around attention and the MLP ("sandwich"); its ffn_norm is the norm before the MLP.
 _GGUF_GEMMA_NAMES = {
@@ -339,11 +356,17 @@ def _placement(name: str, cfg: ModelConfig, tp: TPGroup) -> tuple[str, slice | N
 
 def _expert_placement(name: str, cfg: ModelConfig) -> tuple[str, Any, tuple[slice, ...]]:
     """Qwen3-MoE experts into the stacked [experts, out, in] parameters, from per-expert tensors
-    (`mlp.experts.E.gate_proj.weight`, the published checkpoints) or already stacked ones (transformers 5)."""
+    (`mlp.experts.E.gate_proj.weight`, the published checkpoints), already stacked ones (transformers 5) or a
+    GGUF's stacked gate, up and down (`ffn_*_exps`)."""
     prefix, rest = name.split(".mlp.experts.", 1)
     width, everything = cfg.moe_intermediate_size, slice(None)
     if rest in ("gate_up_proj", "down_proj"):
         return f"{prefix}.mlp.experts_{rest.removesuffix('_proj')}", None, (everything,)
+    stacked = {"gate_exps.weight": slice(0, width), "up_exps.weight": slice(width, 2 * width)}
+    if rest in stacked:
+        return f"{prefix}.mlp.experts_gate_up", (everything, stacked[rest]), (everything,)
+    if rest == "down_exps.weight":
+        return f"{prefix}.mlp.experts_down", None, (everything,)
     expert, proj, _ = rest.split(".")
     rows = {"gate_proj": slice(0, width), "up_proj": slice(width, 2 * width), "down_proj": everything}[proj]
     target = "experts_down" if proj == "down_proj" else "experts_gate_up"
