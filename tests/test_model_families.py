@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, hf_greedy, qwen_tokenizer_dir, trim_at_eos
@@ -288,12 +289,8 @@ def test_hub_id_resolves_from_local_cache_without_network(tiny_qwen3, tmp_path, 
 def write_qwen3_moe_gguf(model, path):
     """The HF model as an F32 `qwen3moe` GGUF, laid out as llama.cpp's converter writes one (stacked expert
     tensors, the router as ffn_gate_inp), with SmolLM2's tokenizer."""
-    import gguf
-
-    from engine.models.source import embedded_model_path
-
     cfg, state = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w = _gguf_with_smollm2_tokenizer(path, "qwen3moe")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -307,13 +304,6 @@ def write_qwen3_moe_gguf(model, path):
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    source = gguf.GGUFReader(str(embedded_model_path()))
-    for field in source.fields.values():
-        if field.name.startswith("tokenizer."):
-            kind = field.types[0]
-            w.add_key_value(
-                field.name, field.contents(), kind, field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            )
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"}
     names |= {"self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     names |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp"}
@@ -362,6 +352,86 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path, monkeypatch):
     path = write_qwen3_moe_gguf(hf, tmp_path / "tiny-moe.gguf")
     llm = LLM(str(path), quant="none", dtype=torch.float32, enforce_eager=True, progress_bar=False)
     assert llm.engine.model.config.moe_layers == [0, 1]
+    ids = [llm.encode(p * 3) for p in PROMPTS[:5]]
+    expected = hf_greedy(hf, ids, MAX_NEW)
+    outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)
+    assert [o.outputs[0].token_ids for o in outs] == [trim_at_eos(e, llm.engine.eos_token_ids) for e in expected]
+
+
+def _gguf_with_smollm2_tokenizer(path, arch):
+    import gguf
+
+    from engine.models.source import embedded_model_path
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for field in gguf.GGUFReader(str(embedded_model_path())).fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), kind, sub)
+    return w
+
+
+def test_phi3_gguf_matches_transformers(tmp_path, monkeypatch):
+    """A `phi3` GGUF as llama.cpp's converter writes one: Q/K/V and gate/up fused, longrope's factors as
+    tensors, the rotary dims and the sliding window as keys."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    short, long = [1.0 + 0.2 * i for i in range(6)], [3.0 + 0.2 * i for i in range(6)]
+    cfg = Phi3Config(
+        vocab_size=49152,  # SmolLM2's tokenizer
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=1024,
+        sliding_window=8,
+        initializer_range=0.5,
+        pad_token_id=0,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": short,
+            "long_factor": long,
+            "partial_rotary_factor": 0.75,
+        },
+    )
+    torch.manual_seed(8)
+    hf = Phi3ForCausalLM(cfg).eval()
+    state = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    w = _gguf_with_smollm2_tokenizer(tmp_path / "tiny-phi3.gguf", "phi3")
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(12)
+    w.add_rope_scaling_orig_ctx_len(1024)
+    w.add_sliding_window(8)
+    w.add_tensor("rope_factors_short.weight", np.array(short, np.float32))
+    w.add_tensor("rope_factors_long.weight", np.array(long, np.float32))
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    w.add_tensor("output.weight", state["lm_head.weight"])
+    w.add_tensor("output_norm.weight", state["model.norm.weight"])
+    names = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up"}
+    names |= {"mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(2):
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{theirs}.weight", state[f"model.layers.{i}.{ours}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    llm = LLM(
+        str(tmp_path / "tiny-phi3.gguf"), quant="none", dtype=torch.float32, enforce_eager=True, progress_bar=False
+    )
+    assert llm.engine.model.config.windows() == (8,)
     ids = [llm.encode(p * 3) for p in PROMPTS[:5]]
     expected = hf_greedy(hf, ids, MAX_NEW)
     outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)

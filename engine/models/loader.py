@@ -100,10 +100,11 @@ GGUF_ARCHITECTURES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3moe": "qwen3_moe",
+    "phi3": "phi3",
     "gemma3": "gemma3_text",
 }
-# llama.cpp's Gemma 3: every sixth layer attends to the whole context, the others to the window, and the
-# sliding layers rotate with base 10000 (both fixed in llama.cpp, as in transformers' Gemma3TextConfig).
+# Gemma 3 where its GGUF does not say: every sixth layer attends to the whole context, the others to the
+# window, and the sliding layers rotate with base 10000 (llama.cpp's defaults, and transformers').
 GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
 
 
@@ -122,10 +123,11 @@ def _gguf_config(path: Path) -> ModelConfig:
     eos = [_field(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")]
     gemma = arch == "gemma3"
     layers = get("block_count")
-    window = get("attention.sliding_window") if gemma else None
-    pattern = get("attention.sliding_window_pattern", GEMMA3_GLOBAL_EVERY) if gemma else None
+    window = get("attention.sliding_window") if arch in ("gemma3", "phi3") else None  # others: never windowed
     factor = get("rope.scaling.factor")
     experts = get("expert_count", 0) if arch == "qwen3moe" else 0
+    head_dim = get("attention.key_length", hidden // heads)
+    rotary = get("rope.dimension_count", head_dim)
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=int(embd.shape[1]),
@@ -134,22 +136,23 @@ def _gguf_config(path: Path) -> ModelConfig:
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=get("attention.head_count_kv", heads),
-        head_dim=get("attention.key_length", hidden // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_position_embeddings=get("context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
-        rope_scaling={"rope_type": "linear", "factor": float(factor)} if factor and factor != 1 else None,
+        rope_scaling=_longrope(reader, get) or (_linear(factor) if factor and factor != 1 else None),
         eos_token_ids=sorted({int(e) for e in eos if e is not None} | _end_of_turn(reader, arch)),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         hidden_act="gelu_pytorch_tanh" if gemma else "silu",
+        partial_rotary_factor=rotary / head_dim,
         sliding_window=window,
-        layer_types=[FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers)] if window else None,
+        layer_types=_layer_types(get("attention.sliding_window_pattern"), layers) if gemma else None,
         gemma=gemma,
         query_pre_attn_scalar=get("attention.key_length") if gemma else None,
-        rope_local_theta=GEMMA3_LOCAL_ROPE_BASE if gemma else None,
+        rope_local_theta=float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)) if gemma else None,
         # llama.cpp's qwen3moe: every layer routed, the top-k weights renormalised (Qwen3-MoE's own setting).
         num_experts=experts,
         num_experts_per_tok=get("expert_used_count", 0) if experts else 0,
@@ -157,6 +160,34 @@ def _gguf_config(path: Path) -> ModelConfig:
         norm_topk_prob=bool(get("expert_weights_norm", True)) if experts else False,
         moe_layers=list(range(layers)) if experts else [],
     )
+
+
+def _linear(factor: float) -> dict[str, Any]:
+    return {"rope_type": "linear", "factor": float(factor)}
+
+
+def _layer_types(pattern: int | list[bool] | None, layers: int) -> list[str]:
+    """Gemma 3's layer kinds from the file's pattern: a period (every n-th layer global) or, in newer files, a
+    flag per layer (True: sliding); absent, llama.cpp's period of 6."""
+    if isinstance(pattern, list):
+        return [SLIDING if sliding else FULL for sliding in pattern]
+    period = pattern or GEMMA3_GLOBAL_EVERY
+    return [FULL if (i + 1) % period == 0 else SLIDING for i in range(layers)]
+
+
+def _longrope(reader: Any, get: Callable[..., Any]) -> dict[str, Any] | None:
+    """Phi-3's longrope scaling: llama.cpp keeps its factors as tensors, its other numbers as keys."""
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    if not factors:
+        return None
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [float(x) for x in factors["rope_factors_short.weight"].data],
+        "long_factor": [float(x) for x in factors["rope_factors_long.weight"].data],
+        "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+    }
+    attention = get("rope.scaling.attn_factor")
+    return scaling if attention is None else {**scaling, "attention_factor": float(attention)}
 
 
 def _end_of_turn(reader: Any, arch: str) -> set[int]:
@@ -210,6 +241,8 @@ _GGUF_GEMMA_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 keeps Q/K/V and gate/up fused (`_unfused` splits them like the HF checkpoint's).
+_GGUF_PHI3_NAMES = {**_GGUF_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -286,7 +319,8 @@ class GGUFTensor:
 def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
     reader = _gguf_reader(path)
     for t in reader.tensors:
-        name = _hf_name(t.name, _GGUF_GEMMA_NAMES if cfg.gemma else _GGUF_NAMES)
+        names = {"gemma3_text": _GGUF_GEMMA_NAMES, "phi3": _GGUF_PHI3_NAMES}.get(cfg.architecture, _GGUF_NAMES)
+        name = _hf_name(t.name, names)
         if name is not None:
             permuted = cfg.architecture == "llama" and t.name.rsplit(".", 1)[0].endswith(("attn_q", "attn_k"))
             shift = -1.0 if cfg.gemma and t.name.endswith("norm.weight") else 0.0
@@ -385,9 +419,19 @@ class RowRange:
     def shape(self) -> tuple[int, ...]:
         return (self.stop - self.start, *self.read.shape[1:])
 
+    @property
+    def type_name(self) -> str | None:
+        return getattr(self.read, "type_name", None)
+
     def __call__(self, part: tuple[slice, ...]) -> torch.Tensor:
-        rows = range(self.start, self.stop)[part[0]]
-        return self.read((slice(rows.start, rows.stop), *part[1:]))
+        return self.read((self._rows(part[0]), *part[1:]))
+
+    def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.read.int4_groups(self._rows(rows))
+
+    def _rows(self, rows: slice) -> slice:
+        inner = range(self.start, self.stop)[rows]
+        return slice(inner.start, inner.stop)
 
 
 def _unfused(tensors: Iterator[tuple[str, PartReader]], cfg: ModelConfig) -> Iterator[tuple[str, PartReader]]:
