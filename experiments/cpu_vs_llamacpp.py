@@ -30,7 +30,7 @@ from engine.models.source import resolve_model
 from engine.quant.base import weight_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import engine_generate, record  # noqa: E402
+from workloads import engine_generate, record, resolve_bench_model  # noqa: E402
 
 log = logging.getLogger("cpu_vs_llamacpp")
 Rates = dict[str, float]
@@ -141,6 +141,7 @@ def main(cfg: DictConfig) -> None:
     b = cfg.bench
     if b.repeats < 1:
         raise ValueError(f"bench.repeats={b.repeats} must be at least 1")
+    resolve_bench_model(cfg)
     source = resolve_model(cfg.model.path)
     results: dict[str, Rates] = {}
     if b.llama_cpp:

