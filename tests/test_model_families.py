@@ -17,6 +17,10 @@ from conftest import PROMPTS, hf_greedy, qwen_tokenizer_dir, trim_at_eos
 from engine import LLM
 from engine.models.source import resolve_model
 
+# What every tiny random family shares (the real Qwen3 tokenizer's vocabulary; big weights keep greedy choices
+# away from near-ties).
+TINY = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_attention_heads=4, initializer_range=0.5)
+
 
 def _save(model, path):
     model.save_pretrained(path, safe_serialization=True)
@@ -55,14 +59,10 @@ def tiny_qwen2(path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        initializer_range=0.5,
         tie_word_embeddings=False,
     )
     torch.manual_seed(2)
@@ -78,15 +78,11 @@ def tiny_mistral(path, sliding_window=8):
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         sliding_window=sliding_window,
         max_position_embeddings=1024,
-        initializer_range=0.5,
     )
     torch.manual_seed(4)
     return _save(MistralForCausalLM(cfg).eval(), path)
@@ -96,15 +92,11 @@ def tiny_phi3(path):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     cfg = Phi3Config(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
         original_max_position_embeddings=1024,  # longrope's attention factor: sqrt(1 + ln 4 / ln 1024)
-        initializer_range=0.5,
         pad_token_id=0,
         rope_parameters={
             "rope_type": "longrope",
@@ -122,18 +114,14 @@ def tiny_gemma3(path, sliding_window=8):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=32,
         sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         query_pre_attn_scalar=24,  # not head_dim: the softmax scale must come from it
         max_position_embeddings=1024,
-        initializer_range=0.5,
         tie_word_embeddings=False,
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -156,20 +144,16 @@ def tiny_qwen3_moe(path):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY,
         moe_intermediate_size=32,
         num_experts=8,
         num_experts_per_tok=2,
         norm_topk_prob=True,
         mlp_only_layers=[1],  # layer 1 dense, 0 and 2 routed
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=1024,
-        initializer_range=0.5,
     )
     torch.manual_seed(6)
     return _save(Qwen3MoeForCausalLM(cfg).eval(), path)
