@@ -32,11 +32,12 @@ if TYPE_CHECKING:
     from engine.policies.base import AdmissionPolicy
     from engine.prefix_cache import PrefixCache
     from engine.quant.base import QuantScheme
+    from engine.spec.base import Proposer
 
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "attention", "cache", "scheduler", "quant")
+GROUPS = ("model", "attention", "cache", "scheduler", "quant", "spec")
 DTYPES = ("float32", "bfloat16", "float16")
 # Short keyword names for the settings people change most (vLLM's names where it has one).
 ALIASES = {
@@ -232,6 +233,7 @@ class EngineConfig:
     cache: Component[PrefixCache]
     scheduler: SchedulerConfig
     quant: Component[QuantScheme]  # which layers get which weight format (engine/quant/)
+    spec: Component[Proposer]  # speculative decoding's proposer (engine/spec/), NoSpeculation for none
     kv_cache: KVCacheConfig = KVCacheConfig()
     compile: CompileConfig = CompileConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -265,6 +267,8 @@ class EngineConfig:
             "weights there)",
         )
 
+        _check_spec(self.spec.kwargs)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype, self.device)
@@ -295,8 +299,19 @@ class EngineConfig:
             parallel=ParallelConfig(**raw["parallel"]),
             server=ServerConfig(**raw["server"]),
             quant=_component("quant", raw["quant"]),
+            spec=_component("spec", raw["spec"]),
             **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar")},
         )
+
+
+def _check_spec(kwargs: Mapping[str, Any]) -> None:
+    """The settings every proposer shares (engine/spec/base.py)."""
+    k = kwargs.get("num_tokens", 1)
+    _require(_is_int(k) and k >= 1, "spec.num_tokens", k, "must be an integer >= 1")
+    low = kwargs.get("min_acceptance", 0)
+    _require(isinstance(low, (int, float)) and 0 <= low < 1, "spec.min_acceptance", low, "must be in [0, 1)")
+    lo, hi = kwargs.get("min_ngram", 1), kwargs.get("max_ngram", 1)
+    _require(_is_int(lo) and _is_int(hi) and 1 <= lo <= hi, "spec.min_ngram", lo, f"need 1 <= min_ngram <= max_ngram={hi}")
 
 
 def _attention_for_device(node: dict[str, Any], device: str) -> dict[str, Any]:

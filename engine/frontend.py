@@ -42,6 +42,8 @@ class TrackedRequest:
     choices: list[Completion]
     sink: Sink | None = None
     num_cached_tokens: int = 0
+    num_draft_proposed: int = 0
+    num_draft_accepted: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
@@ -72,7 +74,11 @@ class TrackedRequest:
                 for c in self.choices
             ],
             usage=Usage(
-                len(self.prompt_token_ids), sum(len(c.token_ids) for c in self.choices), self.num_cached_tokens
+                len(self.prompt_token_ids),
+                sum(len(c.token_ids) for c in self.choices),
+                self.num_cached_tokens,
+                self.num_draft_accepted,
+                self.num_draft_proposed - self.num_draft_accepted,
             ),
             prompt_logprobs=self.prompt_logprobs,
         )
@@ -113,6 +119,8 @@ class OutputProcessor:
         c.token_ids.extend(out.new_token_ids)
         c.logprobs.extend(out.new_logprobs)
         req.num_cached_tokens = max(req.num_cached_tokens, out.num_cached_tokens)
+        req.num_draft_proposed += out.num_draft_proposed
+        req.num_draft_accepted += out.num_draft_accepted
         if out.prompt_logprobs is not None:
             req.prompt_logprobs = out.prompt_logprobs
         delta = c.text.update(out.new_token_ids, out.finished)

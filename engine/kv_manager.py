@@ -17,9 +17,9 @@ class KVManager:
         self.cache = prefix_cache
         self.page_size = page_size
 
-    def _alloc(self, n: int) -> list[int] | None:
+    def _alloc(self, n: int, evict: bool = True) -> list[int] | None:
         short = n - self.allocator.num_free
-        if short > 0:
+        if short > 0 and evict:
             self.cache.evict(short)
         return self.allocator.alloc(n)
 
@@ -47,16 +47,24 @@ class KVManager:
             seq.num_cached_prompt_tokens = seq.num_computed_tokens
         return True
 
-    def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make room for K/V of `num_tokens` tokens; False if the pool is exhausted."""
+    def ensure_capacity(self, seq: Sequence, num_tokens: int, evict: bool = True) -> bool:
+        """Make room for K/V of `num_tokens` tokens (evicting cached prefixes if `evict`); False if the pool
+        is exhausted."""
         short = pages_needed(num_tokens, self.page_size) - len(seq.pages)
         if short <= 0:
             return True
-        fresh = self._alloc(short)
+        fresh = self._alloc(short, evict)
         if fresh is None:
             return False
         seq.pages.extend(fresh)
         return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the pages past what the sequence's tokens need (those a rejected draft's K/V went to)."""
+        keep = pages_needed(seq.num_tokens, self.page_size)
+        if len(seq.pages) > keep:
+            self.allocator.free(seq.pages[keep:])
+            del seq.pages[keep:]
 
     def cache_computed(self, seq: Sequence) -> None:
         """Hand the sequence's fully computed pages to the prefix cache (so others can reuse them now)."""

@@ -29,6 +29,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, check_request
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
+from engine.spec.base import Proposer
 from engine.structured import GrammarBackend
 from engine.tp_worker import start_local_ranks
 
@@ -57,6 +58,10 @@ class LLMEngine:
         s = cfg.scheduler
         self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
+        self.proposer: Proposer = cfg.spec.build()
+        if self.proposer.enabled:
+            log.info("speculative decoding: %s", self.proposer.describe())
+        self.spec_stats = {"spec_steps": 0, "spec_proposed_tokens": 0, "spec_accepted_tokens": 0}
         self.max_model_len = max_model_len(cfg, mc, self.pool.num_pages)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -164,27 +169,99 @@ class LLMEngine:
         if self.workers:
             self.check_health()
         outputs = self._admit_constrained()
+        if self.proposer.enabled:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
         with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
             logits, rows, prompt_logprobs = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            # A draft's K/V counts once its token is accepted (`_verify`).
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)
         for row, entries in prompt_logprobs.items():
             batch.seqs[row].prompt_logprobs.extend(entries)
 
         if rows:
-            sampled = [batch.seqs[r] for r in rows]
-            tokens, logprobs = self.sampler(self._constrain(logits, sampled), sampled, raw=logits)
-            for seq, token, lp in zip(sampled, tokens, logprobs):
-                outputs.append(self._append(seq, token, lp))
+            outputs += self._verify(logits, [batch.seqs[r] for r in rows])
         if not batch.is_decode_only:
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 if seq.status is Status.RUNNING and n > 1:
                     self.kv.cache_computed(seq)  # share finished prefill pages with later arrivals now
         return outputs
 
+    def _propose(self) -> None:
+        """Drafts for the running sequences that decode next, before scheduling: the scheduler gives them
+        their place in the step before it admits new prompts (vLLM's order). Each is no longer than what the
+        sequence may still generate, and cut where a constrained sequence's grammar refuses a token."""
+        seqs = []
+        for seq in self.scheduler.running:
+            seq.draft_token_ids = []
+            if seq.num_computed_tokens + 1 == seq.num_tokens:
+                seqs.append(seq)
+        # The target's own token after the draft is always generated, so a draft may be one shorter than what
+        # the sequence has left.
+        limits = [
+            min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens) - 1 for s in seqs
+        ]
+        for seq, draft in zip(seqs, self.proposer.propose(seqs, limits)):
+            if draft and seq.matcher is not None:
+                draft = draft[: seq.matcher.validate_tokens(draft)]
+            seq.draft_token_ids = draft
+
+    def _verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[StepOutput]:
+        """Sample each sequence's next token; a speculating one then samples again after each draft token its
+        sample equals, keeping the longest agreeing run plus the token that ended it.
+
+        Lossless by construction: a draft proposes one token with certainty, and for such a proposal the
+        speculative-sampling rule (accept with probability p(x), else draw from p without x; Leviathan et
+        al. 2023) is exactly "draw from p and accept when the draw is x". So each kept token is drawn from the
+        target's distribution given everything before it, with penalties, grammar and top-k/top-p/min-p
+        applied as without speculation, and greedy sequences get the same tokens as without it.
+        """
+        firsts = list(itertools.accumulate((1 + len(s.draft_token_ids) for s in seqs), initial=0))
+        outputs: dict[int, StepOutput] = {}
+        accepted = [0] * len(seqs)
+        alive = list(range(len(seqs)))
+        for depth in itertools.count():
+            rows = [seqs[j] for j in alive]
+            index = [firsts[j] + depth for j in alive]
+            if index != list(range(logits.shape[0])):  # not the plain step's every row in order
+                step_logits = logits[torch.tensor(index, device=logits.device)]
+            else:
+                step_logits = logits
+            tokens, logprobs = self.sampler(self._constrain(step_logits, rows), rows, raw=step_logits)
+            still = []
+            for j, seq, token, lp in zip(alive, rows, tokens, logprobs):
+                drafted = depth < len(seq.draft_token_ids) and seq.draft_token_ids[depth] == token
+                out = self._append(seq, token, lp)
+                outputs[j] = outputs[j].extended_by(out) if j in outputs else out
+                accepted[j] += drafted
+                if drafted and not out.finished:
+                    seq.num_computed_tokens += 1  # its K/V, written in this step, holds the accepted token
+                    still.append(j)
+            alive = still
+            if not alive:
+                break
+        for j, seq in enumerate(seqs):
+            if seq.draft_token_ids:
+                self._end_draft(seq, accepted[j], outputs[j])
+        return [outputs[j] for j in range(len(seqs))]
+
+    def _end_draft(self, seq: Sequence, accepted: int, out: StepOutput) -> None:
+        """Account for a verified draft and drop what was rejected: its tokens, and the pages only its K/V
+        used (the K/V itself is overwritten by later steps; the prefix cache only takes computed tokens)."""
+        proposed = len(seq.draft_token_ids)
+        self.proposer.observe(seq, proposed, accepted)
+        seq.num_draft_proposed += proposed
+        seq.num_draft_accepted += accepted
+        out.num_draft_proposed, out.num_draft_accepted = proposed, accepted
+        self.spec_stats["spec_steps"] += 1
+        self.spec_stats["spec_proposed_tokens"] += proposed
+        self.spec_stats["spec_accepted_tokens"] += accepted
+        seq.draft_token_ids = []
+        if seq.status is Status.RUNNING:
+            self.kv.trim(seq)
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits to sample from: constrained rows masked to what their grammar allows next (in a copy
         when logprobs are reported, so they stay the model's own)."""
@@ -240,4 +317,5 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "decode_compiled": int(self.runner.graphs.decode is not None),
             "prefill_compiled": int(self.runner.graphs.prefill is not None),
+            **self.spec_stats,
         }

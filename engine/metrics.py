@@ -22,6 +22,15 @@ class Metrics:
         self.decode_compiled = Gauge(
             "engine_decode_compiled", "1 once decode steps run the compiled graphs", registry=r
         )
+        self.spec = [
+            (Gauge("engine_spec_steps", "Speculative verifications (a sequence's draft scored) so far", registry=r),
+             "spec_steps"),
+            (Gauge("engine_spec_proposed_tokens", "Draft tokens proposed so far", registry=r), "spec_proposed_tokens"),
+            (Gauge("engine_spec_accepted_tokens", "Draft tokens accepted so far", registry=r), "spec_accepted_tokens"),
+        ]
+        self.spec_mean_accepted = Gauge(
+            "engine_spec_mean_accepted_length", "Draft tokens accepted per verification, on average", registry=r
+        )
         self.requests = Counter("engine_requests", "Requests received", registry=r)
         self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated = Counter("engine_generation_tokens", "Tokens generated", registry=r)
@@ -59,6 +68,9 @@ class Metrics:
         self.kv_cached.set(stats["kv_pages_cached"])
         self.decode_compiled.set(stats["decode_compiled"])
         self.preemptions.set(stats["preemptions"])
+        for gauge, key in self.spec:
+            gauge.set(stats.get(key, 0))
+        self.spec_mean_accepted.set(stats.get("spec_accepted_tokens", 0) / max(1, stats.get("spec_steps", 0)))
         # Pages the prefix cache could give back count as free, as vLLM counts its evictable blocks.
         values = {**stats, "kv_usage": 1 - free / max(1, stats["kv_pages_total"])}
         for gauge, key in self.gateway:

@@ -117,7 +117,7 @@ class ModelRunner:
         max_q = self.backend.padded_query_len(max(batch.num_new_tokens))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, pages = seq.num_computed_tokens, seq.pages
-            ids.extend(seq.token_ids[start : start + n])
+            ids.extend(seq.scheduled_tokens(start, n))
             positions.extend(range(start, start + n))
             slots.extend(pages[p // ps] * ps + p % ps for p in range(start, start + n))
             pad_index.extend(range(row * max_q, row * max_q + n))
@@ -165,7 +165,8 @@ class ModelRunner:
 
         ids, paged = self._paged_batch(batch, 0)
         ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
-        rows = [ends[r] for r in sampling_rows]
+        # A speculating row samples at its last known token and after each draft token.
+        rows = [i for r in sampling_rows for i in range(ends[r] - len(batch.seqs[r].draft_token_ids), ends[r] + 1)]
         jobs = []
         offset = 0
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -206,7 +207,8 @@ class ModelRunner:
             return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)
 
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
-        """Logits of the rows that sample this step, which rows those are, and prompt logprobs by row."""
+        """Logits of the rows that sample this step (a speculating row's 1 + draft length of them, in order),
+        which rows those are, and prompt logprobs by row."""
         graphs, seqs = self.decode_graphs, batch.seqs
         if graphs is not None and batch.is_decode_only and graphs.bucket(len(seqs)) is not None:
             positions = [s.num_computed_tokens for s in seqs]
@@ -225,7 +227,8 @@ class ModelRunner:
             targets = torch.tensor(seq.prompt_token_ids[job.first + 1 : job.last + 1], device=logits.device)
             lp = logits[job.offset : job.offset + n].log_softmax(dim=-1)
             prompt_logprobs[job.row] = top_logprobs(lp, targets, seq.params.prompt_logprobs)
-        return logits[: len(sampling_rows)], sampling_rows, prompt_logprobs
+        sampled = sum(1 + len(batch.seqs[r].draft_token_ids) for r in sampling_rows)
+        return logits[:sampled], sampling_rows, prompt_logprobs
 
     def serve_rank(self) -> None:
         """Loop of a rank > 0: execute whatever rank 0 broadcasts until it sends None."""

@@ -332,11 +332,7 @@ def choice_logprobs(
 
 
 def total_usage(usages: list[Usage]) -> Usage:
-    return Usage(
-        sum(u.prompt_tokens for u in usages),
-        sum(u.completion_tokens for u in usages),
-        sum(u.cached_tokens for u in usages),
-    )
+    return Usage(*(sum(getattr(u, f.name) for u in usages) for f in dataclasses.fields(Usage)))
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -345,6 +341,11 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        # OpenAI's fields for predicted outputs; here the speculative drafts' tokens
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": usage.accepted_prediction_tokens,
+            "rejected_prediction_tokens": usage.rejected_prediction_tokens,
+        },
     }
 
 

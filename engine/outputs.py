@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # (logprob of the chosen token, [(token id, logprob) of the top alternatives])
@@ -21,6 +22,19 @@ class StepOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first token
     error: str | None = None  # set when the engine could not serve the sequence
+    # Speculative decoding: draft tokens scored in this step, and how many of them were kept.
+    num_draft_proposed: int = 0
+    num_draft_accepted: int = 0
+
+    def extended_by(self, later: StepOutput) -> StepOutput:
+        """This output followed by `later` of the same sequence and step (a speculating row's tokens)."""
+        return dataclasses.replace(
+            self,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_logprobs=self.new_logprobs + later.new_logprobs,
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+        )
 
 
 @dataclass
@@ -28,6 +42,9 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # Speculative decoding's draft tokens kept and dropped (OpenAI reports predicted outputs' under these names).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -28,11 +28,11 @@ class ScheduledBatch:
 
     @property
     def sampling_rows(self) -> list[int]:
-        """Rows whose last scheduled token ends their known tokens: they sample this step."""
+        """Rows whose last scheduled token ends their known tokens (or their draft): they sample this step."""
         return [
             i
             for i, (s, n) in enumerate(zip(self.seqs, self.num_new_tokens))
-            if s.num_computed_tokens + n == s.num_tokens
+            if s.num_computed_tokens + n == s.num_tokens + len(s.draft_token_ids)
         ]
 
 
@@ -65,7 +65,18 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
+    def _fit_draft(self, seq: Sequence, budget: int) -> int:
+        """How many of the sequence's draft tokens (speculative decoding) this step scores: as many as the
+        token budget and free KV pages allow, since a guess never preempts a sequence nor evicts the prefix
+        cache; the rest of the draft is dropped."""
+        draft = seq.draft_token_ids[: max(0, budget)]
+        if draft and not self.kv.ensure_capacity(seq, seq.num_tokens + len(draft), evict=False):
+            draft = []
+        seq.draft_token_ids = draft
+        return len(draft)
+
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft_token_ids = []
         self.running.remove(seq)
         self.kv.release(seq)
         seq.status = Status.WAITING
@@ -93,6 +104,7 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
+            n += self._fit_draft(seq, budget - n)
             seqs.append(seq)
             counts.append(n)
             budget -= n

@@ -35,6 +35,12 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     matcher: Any = None  # llguidance matcher of a constrained sequence (structured.py)
+    # Speculative decoding: tokens proposed for this step (scored after the last known token, not yet part of
+    # `token_ids`), and the proposer's history of this sequence (engine/spec/base.py).
+    draft_token_ids: list[int] = field(default_factory=list)
+    spec: Any = None
+    num_draft_proposed: int = 0
+    num_draft_accepted: int = 0
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
 
@@ -46,6 +52,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def scheduled_tokens(self, start: int, n: int) -> list[int]:
+        """Tokens [start, start + n) of this step's input: the known tokens, then the draft."""
+        known = self.token_ids[start : start + n]
+        return known + self.draft_token_ids[: n - len(known)]
 
     @property
     def num_prompt_tokens(self) -> int:

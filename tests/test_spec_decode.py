@@ -1,0 +1,262 @@
+"""Speculative decoding (spec=ngram): greedy output token-identical to transformers (and so to spec=none) under
+the engine's configurations, sampled output distributed as the target's, KV pages all back afterwards.
+
+The model is a tiny random Qwen3 with a 64-token vocabulary: its greedy continuations repeat short patterns,
+so prompt lookup proposes often and is right often enough (each test asserts drafts were accepted) for the
+verification paths to be exercised, rejections included.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import hf_greedy, qwen_tokenizer_dir, trim_at_eos
+
+from engine import LLM, SamplingParams
+from engine.config import ConfigError, compose_config
+from engine.sequence import Sequence
+from engine.spec.ngram import NgramProposer
+
+VOCAB = 64
+MAX_NEW = 40
+
+CONFIGS = {
+    "eager": dict(enforce_eager=True),
+    # Drafts cut by the step's token budget, and prefill chunks in the same steps as verifications.
+    "chunked-prefill-7": dict(enforce_eager=True, max_num_batched_tokens=7),
+    "no-prefix-cache": dict(enforce_eager=True, cache="none"),
+    "page-size-4": dict(enforce_eager=True, page_size=4),
+    "flex": dict(enforce_eager=True, attention="flex"),
+    # Verification steps through the compiled prefill graph, decode steps through the decode graph.
+    "compiled": dict(max_num_batched_tokens=32),
+    # ~70 tokens per sequence at page size 4: a few at a time; drafts find no free page and are dropped.
+    "preempting": dict(enforce_eager=True, page_size=4, num_pages=40, max_num_batched_tokens=64),
+    "k8-not-adaptive": {"enforce_eager": True, "spec.num_tokens": 8, "spec.adaptive": False, "spec.min_ngram": 1},
+}
+SLOW = {"flex", "compiled"}
+
+
+def make_tiny_vocab_qwen3(path, vocab: int = VOCAB, seed: int = 0):
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+        eos_token_id=vocab - 1,
+        bos_token_id=vocab - 2,
+    )
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(cfg).eval().save_pretrained(path)
+    GenerationConfig(eos_token_id=[vocab - 1], bos_token_id=vocab - 2).save_pretrained(path)
+    for f in qwen_tokenizer_dir().iterdir():  # ids below `vocab` are single ASCII characters in it
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    return make_tiny_vocab_qwen3(tmp_path_factory.mktemp("tiny-vocab-qwen3"))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    base = [[rng.randrange(VOCAB - 2) for _ in range(rng.randrange(5, 40))] for _ in range(8)]
+    return base + [base[0] + [5, 6, 7], base[1]]  # a shared prefix and a repeat for the prefix cache
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vocab, prompts):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_vocab, dtype=torch.float32).eval()
+    return [trim_at_eos(out, {VOCAB - 1}) for out in hf_greedy(model, prompts, MAX_NEW)]
+
+
+def _pool_is_full(llm: LLM) -> bool:
+    s = llm.engine.stats()
+    return s["running"] == s["waiting"] == 0 and s["kv_pages_free"] + s["kv_pages_evictable"] == s["kv_pages_total"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CONFIGS])
+def test_greedy_ngram_matches_transformers(name, tiny_vocab, prompts, reference, device):
+    llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, device=device, spec="ngram", **CONFIGS[name])
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    for attempt in range(2):  # the second pass finds every prompt in the prefix cache
+        outs = llm.generate_outputs(prompts, params)
+        assert [o.outputs[0].token_ids for o in outs] == reference, f"{name}, pass {attempt}"
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] > 20, stats  # the drafts were used, not just proposed
+    assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats  # and some were rejected
+    assert sum(o.usage.accepted_prediction_tokens for o in outs) > 0
+    assert _pool_is_full(llm), "KV pages leaked"
+    if name == "preempting":
+        assert stats["preemptions"] > 0
+
+
+def test_logprobs_n_and_max_tokens_inside_an_accepted_run(tiny_vocab, prompts):
+    """Reported logprobs are the target's at each kept token, n > 1 choices each speculate, and max_tokens
+    ends a run of accepted tokens exactly where it says."""
+    runs = {}
+    for spec in ("none", "ngram"):
+        llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec)
+        params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, logprobs=3, n=2)
+        runs[spec] = llm.generate_outputs(prompts, params)
+        assert _pool_is_full(llm)
+    for plain, spec in zip(runs["none"], runs["ngram"]):
+        for a, b in zip(plain.outputs, spec.outputs):
+            assert b.token_ids == a.token_ids and len(b.token_ids) == 23
+            assert [t for _, top in b.logprobs for t, _ in top] == [t for _, top in a.logprobs for t, _ in top]
+            assert torch.allclose(torch.tensor([lp for lp, _ in b.logprobs]), torch.tensor([lp for lp, _ in a.logprobs]), atol=1e-4)
+    assert sum(o.usage.accepted_prediction_tokens for o in runs["ngram"]) > 0
+
+
+def test_stop_strings_and_eos_inside_accepted_runs(tiny_vocab, prompts):
+    """A stop string or EOS landing inside an accepted run ends the text where it would without speculation."""
+    texts = {}
+    for spec in ("none", "ngram"):
+        llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec)
+        eos = llm.generate_outputs(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+        free = llm.generate_outputs(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True))
+        # Stop at a piece of each prompt's output from its middle (ids below 64 are one character each).
+        stops = [SamplingParams(max_tokens=MAX_NEW, temperature=0, stop=[o.outputs[0].text[20:22]]) for o in free]
+        stopped = llm.generate_outputs(prompts, stops)
+        texts[spec] = [[(o.outputs[0].text, o.outputs[0].finish_reason) for o in batch] for batch in (eos, stopped)]
+        assert _pool_is_full(llm)
+    assert texts["ngram"] == texts["none"]
+    assert any(reason == "stop" and len(text) < MAX_NEW for text, reason in texts["ngram"][1])
+
+
+def test_structured_output_cuts_drafts_the_grammar_refuses(tiny_qwen3):
+    """Constrained rows speculate too; the constraint holds and the output is spec=none's."""
+    prompts = ["Count in hex:", "Digits:", "1, 2, 3, 4,"]
+    params = SamplingParams(max_tokens=30, temperature=0, regex="([0-9A-F]{2} ){1,20}")
+    texts, stats = {}, {}
+    for spec in ("none", "ngram"):
+        llm = LLM(
+            str(tiny_qwen3), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec,
+            **{"spec.min_ngram": 1, "spec.adaptive": False},
+        )
+        texts[spec] = [o.outputs[0].text for o in llm.generate_outputs(prompts, params)]
+        stats[spec] = llm.engine.stats()
+        assert _pool_is_full(llm)
+    assert texts["ngram"] == texts["none"]
+    assert all(re.fullmatch("([0-9A-F]{2} ){1,20}", t) for t in texts["ngram"]), texts
+    assert stats["ngram"]["spec_accepted_tokens"] > 0, stats
+
+
+def test_aborts_and_preemption_return_every_page(tiny_vocab, prompts):
+    llm = LLM(
+        str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec="ngram", page_size=4,
+        num_pages=40,
+    )
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add_sequence(f"s{i}", p, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    for _ in range(30):
+        engine.step()
+    assert engine.stats()["spec_accepted_tokens"] > 0
+    for i in range(len(prompts)):
+        engine.abort_sequence(f"s{i}")
+    assert _pool_is_full(llm), "KV pages leaked"
+    assert engine.stats()["preemptions"] > 0
+
+
+def _exact_distribution(model_dir, prompt: list[int], top_p: float) -> dict[tuple[int, int], float]:
+    """P(second and third sampled tokens) at temperature 1 with top-p, from transformers' logits (summed over
+    the first: it is sampled after the prompt, before any draft)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def next_probs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            probs = model(torch.tensor([ids])).logits[0, -1].double().softmax(-1)
+        ordered, order = probs.sort(descending=True)
+        keep = (ordered.cumsum(0) - ordered) < top_p  # the engine's rule: the mass above a kept token is < p
+        kept = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+        return kept / kept.sum()
+
+    exact: dict[tuple[int, int], float] = {}
+    for a, pa in enumerate(next_probs(prompt).tolist()):
+        for b, pb in enumerate(next_probs(prompt + [a]).tolist() if pa else []):
+            for c, pc in enumerate(next_probs(prompt + [a, b]).tolist() if pb else []):
+                exact[b, c] = exact.get((b, c), 0.0) + pa * pb * pc
+    return {k: v for k, v in exact.items() if v > 0}
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_keeps_the_target_distribution(tmp_path, top_p):
+    """With prompt lookup proposing at every step, the sampled tokens are distributed as the target model's:
+    total variation of the (second, third) token pair from the exact distribution, over 4000 seeds (the
+    second is verified against a draft, the third is the target's own after it)."""
+    model_dir = make_tiny_vocab_qwen3(tmp_path / "m", vocab=6, seed=2)
+    llm = LLM(
+        str(model_dir), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec="ngram",
+        max_running_requests=256, **{"spec.adaptive": False, "spec.min_ngram": 1},
+    )
+    # The model's own greedy continuation as the prompt: what it repeats, prompt lookup proposes.
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompt = [0, 1, 2, 3] + llm.generate_outputs([[0, 1, 2, 3]], greedy)[0].outputs[0].token_ids
+    exact = _exact_distribution(model_dir, prompt, top_p)
+    n = 4000
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_p=top_p, seed=s, ignore_eos=True) for s in range(n)]
+    outs = llm.generate_outputs([prompt] * n, params)
+    counts: dict[tuple[int, int], int] = {}
+    for o in outs:
+        key = tuple(o.outputs[0].token_ids[1:])
+        counts[key] = counts.get(key, 0) + 1
+    tv = 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0.0)) for k in set(counts) | set(exact))
+    assert set(counts) <= set(exact), "sampled a pair top-p excludes"
+    # Sampling noise alone gives ~0.03 here; keeping every draft would move the draft tokens' share.
+    assert tv < 0.06, (tv, counts, exact)
+    accepted = sum(o.usage.accepted_prediction_tokens for o in outs)
+    rejected = sum(o.usage.rejected_prediction_tokens for o in outs)
+    assert accepted > n / 10 and rejected > n / 10, (accepted, rejected, prompt)
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    proposer = NgramProposer(num_tokens=3, min_ngram=1, max_ngram=3, adaptive=False)
+    params = SamplingParams()
+
+    def propose(tokens: list[int], limit: int = 3) -> list[int]:
+        return proposer.propose([Sequence("s", tokens, params, 0)], [limit])[0]
+
+    assert propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 4, 2, 3]) == [7, 8, 4]  # "2 3" last occurred before "7 8 4"
+    assert propose([5, 1, 2, 6, 1, 2]) == [6, 1, 2]
+    assert propose([1, 2, 3, 4, 1, 2, 3], limit=2) == [4, 1]
+    assert propose([1, 2, 3]) == []  # the last token occurs nowhere before
+    # The longest suffix wins over a later shorter match: "1 2 3" -> 4, though "3" alone last preceded 5.
+    assert propose([1, 2, 3, 4, 3, 5, 1, 2, 3]) == [4, 3, 5]
+
+
+def test_adaptive_length_backs_off_and_retries():
+    proposer = NgramProposer(num_tokens=4, min_ngram=1, max_ngram=2, min_acceptance=0.3)
+    seq = Sequence("s", [1, 2, 1, 2, 1], SamplingParams(), 0)
+    assert proposer.length(seq) == 4
+    proposer.observe(seq, 4, 0)
+    assert proposer.length(seq) == 3  # about one more than the recent accepted length
+    proposer.observe(seq, 3, 0)  # acceptance below min_acceptance: a pause of 8 steps
+    assert [proposer.length(seq) for _ in range(9)] == [0] * 8 + [4]
+    proposer.observe(seq, 4, 0)
+    proposer.observe(seq, 3, 0)
+    assert [proposer.length(seq) for _ in range(17)] == [0] * 16 + [4]  # the next pause is twice as long
+
+
+@pytest.mark.parametrize(
+    "key,value", [("spec.num_tokens", 0), ("spec.num_tokens", 2.5), ("spec.min_acceptance", 1.5)]
+)
+def test_bad_spec_settings_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_config(spec="ngram", **{key: value})
