@@ -97,7 +97,7 @@ def results_dir() -> Path:
 
 def choices() -> dict[str, str]:
     hc = HydraConfig.get()
-    return {k: v for k, v in hc.runtime.choices.items() if k in ("model", "attention", "cache", "scheduler", "quant")}
+    return {k: v for k, v in hc.runtime.choices.items() if k in ("model", "attention", "cache", "scheduler", "quant", "spec")}
 
 
 def significant(value: Any, digits: int = 4) -> Any:

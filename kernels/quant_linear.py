@@ -12,7 +12,9 @@ Two formats, chosen per layer by the `quant=` scheme (engine/quant/):
   offset (w = scale * q + offset): the layout of GGUF's Q4_0, Q4_1 and Q4_K blocks, which therefore
   load without loss. The input stays in floating point, so outputs equal a matmul with the dequantized
   weights up to summation order. One row reads the packed nibbles directly (a fused reduction over
-  tiles of 16 output rows); more rows dequantize the weight inside the graph and run one GEMM.
+  tiles of 16 output rows); more than FEW_ROWS rows dequantize the weight inside the graph and run one GEMM.
+
+Up to FEW_ROWS rows, both formats compute every row exactly as a lone row (`each_row`).
 
 Measured and rejected on an AVX-512 VNNI machine (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms):
 ATen's `_weight_int8pack_mm` (0.72 ms / 24 ms) and `_weight_int4pack_mm_for_cpu` (1.5 ms / 48 ms) run far
@@ -26,6 +28,8 @@ torchao's CPU int4 kernels are not in its PyPI wheel.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +48,28 @@ TILE = 16
 # page-faulting SmolLM2's whole 113 MB float head in took 110 ms of a 32-row step.
 INT8_GEMM = torch.cpu._is_vnni_supported()
 FLOAT_PIECE_BYTES = 16 << 20
+# Steps of 2..FEW_ROWS rows (a speculative verification, a small decode batch) compute each row with the one-row
+# product, so a row's values do not depend on what else the step holds (batch invariance: a greedy request's
+# output is the same alone and batched, with and without speculation). Compiled, the rows are padded to the
+# next of FEW_ROW_BUCKETS and unrolled, and inductor fuses the products into one pass over the weight (one
+# graph per bucket). The products stay compute-bound on AVX2 (each row adds its own multiplies and adds to the
+# shared load and conversion of every byte), so 8 rows cost ~4x one, but the dequantized GEMM and the float
+# conversion of the int8 head cost more below 9 rows: SmolLM2 decode at batch 2/4/8, 35.6/56.2/93.5 ->
+# 51.1/101.5/197.1 tok/s with every size padded to 8, 121/173/192 with buckets of 2, 4 and 8 (2026-12-05, `auto`).
+# No bucket of 2: dynamic sizes start at 2, so `m <= 2` pins the size to the constant 2, and re-using a layer's
+# compiled region (compile.regional) then fails inside dynamo (KeyError: 2 in stamp_out_subgraph, torch 2.13).
+FEW_ROW_BUCKETS = (4, 8)
+FEW_ROWS = FEW_ROW_BUCKETS[-1]
+
+
+def each_row(one_row: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`one_row` applied to every row of `x` (at most FEW_ROWS of them), stacked."""
+    m = x.shape[0]
+    if not torch.compiler.is_compiling():  # eager: exactly the rows there are
+        return torch.cat([one_row(x[i : i + 1]) for i in range(m)])
+    rows = next(r for r in FEW_ROW_BUCKETS if m <= r)  # a guard: one graph per bucket
+    padded = F.pad(x, (0, 0, 0, rows - m))
+    return torch.cat([one_row(padded[i : i + 1]) for i in range(rows)])[:m]
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,17 +117,26 @@ class Int8Linear(nn.Module):
         self.qweight[rows], self.scale[rows] = quantize_int8_rows(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
         if x.shape[0] == 1:
-            # One row (batch-1 decode): a reduction inductor fuses with the int8 -> float conversion, the
-            # activations staying float; 82 tok/s for SmolLM2 here against 72 through `_int_mm` below.
-            out = ((stored(xf) * self.qweight.to(xf.dtype)).sum(-1) * self.scale).unsqueeze(0).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            out = self._one_row(x)
+        elif x.shape[0] <= FEW_ROWS:
+            out = each_row(self._one_row, x)
+        else:
+            out = self._several_rows(x)
+        return out if self.bias is None else out + self.bias
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        # One row (batch-1 decode): a reduction inductor fuses with the int8 -> float conversion, the
+        # activations staying float; 82 tok/s for SmolLM2 here against 72 through `_int_mm` below.
+        xf = x.float()
+        return ((stored(xf) * self.qweight.to(xf.dtype)).sum(-1) * self.scale).unsqueeze(0).to(x.dtype)
+
+    def _several_rows(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
         if not INT8_GEMM:
             rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
             pieces = [F.linear(xf, w.to(xf.dtype)) for w in self.qweight.split(rows)]
-            out = (torch.cat(pieces, dim=-1) * self.scale).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return (torch.cat(pieces, dim=-1) * self.scale).to(x.dtype)
         # Each activation is written as two int8 digits per token (hi * step + lo * step / 254) and both
         # rows go through one `_int_mm`: the weight is read once, as with plain W8A8, at twice the
         # arithmetic. One digit (per-token W8A8) everywhere raised SmolLM2's perplexity by 3.8%, two by
@@ -115,8 +150,7 @@ class Int8Linear(nn.Module):
             lo = torch.round((xf - hi * step) * (254 / step))  # the remainder is within half a step
             y = torch._int_mm(torch.cat((hi, lo)).to(torch.int8), self.qweight.t()).float()
             y = y[: x.shape[0]] + y[x.shape[0] :] * (1 / 254)
-        out = (y * step * self.scale).to(x.dtype)
-        return out if self.bias is None else out + self.bias
+        return (y * step * self.scale).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -186,6 +220,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             out = self._one_row(x)
+        elif x.shape[0] <= FEW_ROWS:
+            out = each_row(self._one_row, x)
         else:
             out = x @ self.dequantized_t()
         return out if self.bias is None else out + self.bias

@@ -45,6 +45,7 @@ SMOKE = {
     "moe_overhead.py": {"bench.batch_sizes": "[1,2]", "bench.steps": "2", "bench.context_len": "8",
                         "bench.shape.hidden_size": "32", "bench.shape.num_hidden_layers": "2", "bench.num_experts": "4",
                         "bench.num_experts_per_tok": "2", "bench.moe_intermediate_size": "16"},
+    "spec_decode.py": {"bench.llama_cpp": "false", "bench.new_tokens": "4", "bench.batch": "2", "bench.repeats": "1"},
     "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[auto,int8]", "bench.prompt_tokens": "4",
                            "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
                            "bench.repeats": "1"},

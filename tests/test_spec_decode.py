@@ -260,3 +260,34 @@ def test_adaptive_length_backs_off_and_retries():
 def test_bad_spec_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_config(spec="ngram", **{key: value})
+
+
+def test_server_streams_speculated_tokens_and_reports_them(tiny_vocab, prompts, tmp_path):
+    """`python server.py spec=ngram`: a streamed completion's text is spec=none's, its usage counts the kept and
+    dropped draft tokens under OpenAI's names, and /metrics counts them too."""
+    import httpx
+    import openai
+    from live_server import MODEL, running_server
+
+    llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True)
+    expected = llm.generate_outputs(prompts[:3], SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    with running_server(tiny_vocab, tmp_path, "spec=ngram") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        for prompt, want in zip(prompts[:3], expected):
+            chunks = list(
+                client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == want.outputs[0].text
+            usage = chunks[-1].usage
+            assert usage.completion_tokens == len(want.outputs[0].token_ids)
+            if usage.completion_tokens_details.accepted_prediction_tokens:  # a step sent several tokens at once
+                assert len([c for c in chunks if c.choices]) < usage.completion_tokens
+        usage = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=MAX_NEW, temperature=0).usage
+        assert usage.completion_tokens_details.accepted_prediction_tokens > 0
+        assert usage.completion_tokens_details.rejected_prediction_tokens > 0
+        metrics = httpx.get(f"{url}/metrics").text
+        accepted = float(re.search(r"^engine_spec_accepted_tokens (\S+)$", metrics, re.M).group(1))
+        assert accepted >= usage.completion_tokens_details.accepted_prediction_tokens
