@@ -311,7 +311,7 @@ def _check_spec(kwargs: Mapping[str, Any]) -> None:
     low = kwargs.get("min_acceptance", 0)
     _require(isinstance(low, (int, float)) and 0 <= low < 1, "spec.min_acceptance", low, "must be in [0, 1)")
     lo, hi = kwargs.get("min_ngram", 1), kwargs.get("max_ngram", 1)
-    _require(_is_int(lo) and _is_int(hi) and 1 <= lo <= hi, "spec.min_ngram", lo, f"need 1 <= min_ngram <= max_ngram={hi}")
+    _require(_is_int(lo) and _is_int(hi) and 1 <= lo <= hi, "spec.min_ngram", lo, f"needs 1 <= it <= max_ngram={hi}")
 
 
 def _attention_for_device(node: dict[str, Any], device: str) -> dict[str, Any]:

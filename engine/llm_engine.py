@@ -201,9 +201,7 @@ class LLMEngine:
                 seqs.append(seq)
         # The target's own token after the draft is always generated, so a draft may be one shorter than what
         # the sequence has left.
-        limits = [
-            min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens) - 1 for s in seqs
-        ]
+        limits = [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens) - 1 for s in seqs]
         for seq, draft in zip(seqs, self.proposer.propose(seqs, limits)):
             if draft and seq.matcher is not None:
                 draft = draft[: seq.matcher.validate_tokens(draft)]
@@ -262,6 +260,7 @@ class LLMEngine:
         seq.draft_token_ids = []
         if seq.status is Status.RUNNING:
             self.kv.trim(seq)
+
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits to sample from: constrained rows masked to what their grammar allows next (in a copy
         when logprobs are reported, so they stay the model's own)."""

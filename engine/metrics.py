@@ -23,8 +23,10 @@ class Metrics:
             "engine_decode_compiled", "1 once decode steps run the compiled graphs", registry=r
         )
         self.spec = [
-            (Gauge("engine_spec_steps", "Speculative verifications (a sequence's draft scored) so far", registry=r),
-             "spec_steps"),
+            (
+                Gauge("engine_spec_steps", "Speculative verifications (a sequence's draft scored) so far", registry=r),
+                "spec_steps",
+            ),
             (Gauge("engine_spec_proposed_tokens", "Draft tokens proposed so far", registry=r), "spec_proposed_tokens"),
             (Gauge("engine_spec_accepted_tokens", "Draft tokens accepted so far", registry=r), "spec_accepted_tokens"),
         ]

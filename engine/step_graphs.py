@@ -24,6 +24,7 @@ import torch
 from engine import inductor_fixes
 from engine.config import CompileConfig
 from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
+from engine.kernels.quant_linear import FEW_ROW_BUCKETS, FEW_ROWS
 from engine.kv_cache import SCRATCH_PAGE
 from engine.models.transformer import CausalLM, run_layer
 from engine.progress import Progress
@@ -185,8 +186,10 @@ class StepGraphs:
             decode, prefill = self._compile(decode_fn, prefill_fn)
             # The inputs look like the runner's (made outside inference mode, none aliasing another):
             # dynamo guards on both, and a mismatch compiled every graph again on the first real step.
+            # Quantized layers add one graph per few-row bucket (kernels/quant_linear.py); a float model's
+            # dynamic graph serves all of these sizes at once.
             buckets = self.cfg.batch_buckets
-            for b in sorted({buckets[0], min(buckets[-1], 8)}):
+            for b in sorted({buckets[0], *(min(buckets[-1], n) for n in (*FEW_ROW_BUCKETS, 2 * FEW_ROWS))}):
                 batch = self._scratch_batch(b, 1)
                 ids, meta = torch.zeros_like(batch.positions), DecodeStep(self.backend.prepare_decode(batch))
                 with torch.inference_mode():

@@ -123,8 +123,9 @@ def engine_run(llm: LLM) -> Run:
 
 def engine_config(cfg: DictConfig, spec: str) -> EngineConfig:
     cfg = cfg.copy()
-    keys = OmegaConf.to_container(cfg.spec)  # the command line's spec.* values apply to every choice
-    cfg.spec = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "spec" / f"{spec}.yaml"), {k: v for k, v in keys.items() if k != "_target_"})
+    # The command line's spec.* values apply to every choice.
+    given = {k: v for k, v in OmegaConf.to_container(cfg.spec).items() if k != "_target_"}
+    cfg.spec = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "spec" / f"{spec}.yaml"), given)
     return EngineConfig.from_dictconfig(cfg)
 
 
@@ -189,13 +190,13 @@ def main(cfg: DictConfig) -> None:
                 log.info("%s", rows[-1])
             del llama
     for row in rows:
-        if row["batch"] == 1 and row["label"] != "llama.cpp":
-            plain = next((r for r in rows if r["label"] == "llama.cpp" and r["workload"] == row["workload"]), None)
-            lookup = next((r for r in rows if r["label"] == "llama.cpp prompt lookup" and r["workload"] == row["workload"]), None)
-            if plain:
-                row["vs_llama_cpp"] = row["decode_tok_s"] / plain["decode_tok_s"]
-                row["vs_llama_cpp_lookup"] = row["decode_tok_s"] / lookup["decode_tok_s"]
+        if row["batch"] == 1 and not row["label"].startswith("llama.cpp"):
+            for key, label in (("vs_llama_cpp", "llama.cpp"), ("vs_llama_cpp_lookup", "llama.cpp prompt lookup")):
+                other = [r for r in rows if r["label"] == label and r["workload"] == row["workload"]]
+                if other:
+                    row[key] = row["decode_tok_s"] / other[0]["decode_tok_s"]
         record(row, cfg)
+    ratios = ("vs_spec_none", "vs_llama_cpp", "vs_llama_cpp_lookup", "acceptance")
     for row in rows:
         log.info(
             "%-26s %-5s batch %2d  %7.1f tok/s%s",
@@ -203,7 +204,7 @@ def main(cfg: DictConfig) -> None:
             row["workload"],
             row["batch"],
             row["decode_tok_s"],
-            "".join(f"  {k} {row[k]:.2f}" for k in ("vs_spec_none", "vs_llama_cpp", "vs_llama_cpp_lookup", "acceptance") if k in row),
+            "".join(f"  {k} {row[k]:.2f}" for k in ratios if k in row),
         )
 
 

@@ -97,7 +97,8 @@ def results_dir() -> Path:
 
 def choices() -> dict[str, str]:
     hc = HydraConfig.get()
-    return {k: v for k, v in hc.runtime.choices.items() if k in ("model", "attention", "cache", "scheduler", "quant", "spec")}
+    groups = ("model", "attention", "cache", "scheduler", "quant", "spec")
+    return {k: v for k, v in hc.runtime.choices.items() if k in groups}
 
 
 def significant(value: Any, digits: int = 4) -> Any:

@@ -70,6 +70,23 @@ def test_int4_layer_computes_the_float_product(rows, compiled, out_features):
     assert torch.allclose(got, F.linear(x, layer.dequantized(), layer.bias), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_up_to_eight_rows_compute_each_row_as_a_lone_row(fmt, compiled):
+    """Batch invariance of the quantized kernels below 9 rows: every row of a 2..8-row product is bit-identical
+    to that row computed alone (a speculative verification then agrees with plain decoding)."""
+    torch.manual_seed(0)
+    layer = Int4Linear(256, 100) if fmt == "int4" else Int8Linear(256, 100)
+    layer.load_rows(slice(None), torch.randn(100, 256))
+    fn = torch.compile(layer, dynamic=True) if compiled else layer
+    with torch.inference_mode():
+        for rows in (2, 3, 5, 8):
+            x = torch.randn(rows, 256)
+            together = fn(x)
+            for i in range(rows):
+                assert torch.equal(together[i], fn(x[i : i + 1])[0]), (rows, i)
+
+
 def test_int4_quantizer_error_is_bounded():
     torch.manual_seed(0)
     w = torch.randn(64, 256)
@@ -80,7 +97,7 @@ def test_int4_quantizer_error_is_bounded():
     assert (err <= step / 2 + 1e-6).all()  # round to nearest of 16 levels spanning each group
 
 
-@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("rows", [1, 4, 9])
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("int8_gemm", [True, False])  # `_int_mm` (VNNI CPUs), or the float weight in pieces
 def test_int8_layer_and_embedding(rows, digits, int8_gemm, monkeypatch):
@@ -213,6 +230,20 @@ def test_4bit_gguf_generates_what_transformers_generates(tiny_gguf, eager, tmp_p
     params = SamplingParams(max_tokens=12, temperature=0)
     assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids[:1], params)] == want[:1]  # batch 1
     assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
+
+
+@pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("quant", ["auto", "int8"])
+def test_greedy_output_is_the_same_alone_and_in_a_small_batch(tiny_gguf, eager, quant, tmp_path, monkeypatch):
+    """Up to 8 sequences per step, a request's greedy tokens do not depend on what else the batch holds."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    llm = LLM(str(tiny_gguf), dtype="float32", enforce_eager=eager, progress_bar=False, quant=quant, cache="none")
+    ids = [llm.encode(p) for p in PROMPTS[:8]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [llm.generate_outputs([p], params)[0].outputs[0].token_ids for p in ids]
+    for batch in (ids[:3], ids[3:8]):
+        together = [o.outputs[0].token_ids for o in llm.generate_outputs(batch, params)]
+        assert together == [alone[ids.index(p)] for p in batch]
 
 
 def test_quantized_load_is_cached(tiny_gguf, tmp_path, monkeypatch):

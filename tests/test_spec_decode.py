@@ -118,7 +118,8 @@ def test_logprobs_n_and_max_tokens_inside_an_accepted_run(tiny_vocab, prompts):
         for a, b in zip(plain.outputs, spec.outputs):
             assert b.token_ids == a.token_ids and len(b.token_ids) == 23
             assert [t for _, top in b.logprobs for t, _ in top] == [t for _, top in a.logprobs for t, _ in top]
-            assert torch.allclose(torch.tensor([lp for lp, _ in b.logprobs]), torch.tensor([lp for lp, _ in a.logprobs]), atol=1e-4)
+            got, want = (torch.tensor([lp for lp, _ in c.logprobs]) for c in (b, a))
+            assert torch.allclose(got, want, atol=1e-4)
     assert sum(o.usage.accepted_prediction_tokens for o in runs["ngram"]) > 0
 
 
@@ -145,7 +146,11 @@ def test_structured_output_cuts_drafts_the_grammar_refuses(tiny_qwen3):
     texts, stats = {}, {}
     for spec in ("none", "ngram"):
         llm = LLM(
-            str(tiny_qwen3), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec,
+            str(tiny_qwen3),
+            dtype=torch.float32,
+            progress_bar=False,
+            enforce_eager=True,
+            spec=spec,
             **{"spec.min_ngram": 1, "spec.adaptive": False},
         )
         texts[spec] = [o.outputs[0].text for o in llm.generate_outputs(prompts, params)]
@@ -158,7 +163,12 @@ def test_structured_output_cuts_drafts_the_grammar_refuses(tiny_qwen3):
 
 def test_aborts_and_preemption_return_every_page(tiny_vocab, prompts):
     llm = LLM(
-        str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec="ngram", page_size=4,
+        str(tiny_vocab),
+        dtype=torch.float32,
+        progress_bar=False,
+        enforce_eager=True,
+        spec="ngram",
+        page_size=4,
         num_pages=40,
     )
     engine = llm.engine
@@ -203,8 +213,13 @@ def test_sampling_keeps_the_target_distribution(tmp_path, top_p):
     second is verified against a draft, the third is the target's own after it)."""
     model_dir = make_tiny_vocab_qwen3(tmp_path / "m", vocab=6, seed=2)
     llm = LLM(
-        str(model_dir), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec="ngram",
-        max_running_requests=256, **{"spec.adaptive": False, "spec.min_ngram": 1},
+        str(model_dir),
+        dtype=torch.float32,
+        progress_bar=False,
+        enforce_eager=True,
+        spec="ngram",
+        max_running_requests=256,
+        **{"spec.adaptive": False, "spec.min_ngram": 1},
     )
     # The model's own greedy continuation as the prompt: what it repeats, prompt lookup proposes.
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -254,9 +269,7 @@ def test_adaptive_length_backs_off_and_retries():
     assert [proposer.length(seq) for _ in range(17)] == [0] * 16 + [4]  # the next pause is twice as long
 
 
-@pytest.mark.parametrize(
-    "key,value", [("spec.num_tokens", 0), ("spec.num_tokens", 2.5), ("spec.min_acceptance", 1.5)]
-)
+@pytest.mark.parametrize("key,value", [("spec.num_tokens", 0), ("spec.num_tokens", 2.5), ("spec.min_acceptance", 1.5)])
 def test_bad_spec_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_config(spec="ngram", **{key: value})
@@ -276,7 +289,11 @@ def test_server_streams_speculated_tokens_and_reports_them(tiny_vocab, prompts, 
         for prompt, want in zip(prompts[:3], expected):
             chunks = list(
                 client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True,
+                    model=MODEL,
+                    prompt=prompt,
+                    max_tokens=MAX_NEW,
+                    temperature=0,
+                    stream=True,
                     stream_options={"include_usage": True},
                 )
             )
@@ -291,3 +308,12 @@ def test_server_streams_speculated_tokens_and_reports_them(tiny_vocab, prompts, 
         metrics = httpx.get(f"{url}/metrics").text
         accepted = float(re.search(r"^engine_spec_accepted_tokens (\S+)$", metrics, re.M).group(1))
         assert accepted >= usage.completion_tokens_details.accepted_prediction_tokens
+
+
+def test_tensor_parallel_speculates_like_one_rank(tiny_vocab, prompts, reference):
+    """Rank 0 proposes and verifies; the other rank runs the same verification steps on its shard."""
+    kw = dict(dtype=torch.float32, enforce_eager=True, progress_bar=False, quant="none", spec="ngram")
+    with LLM(str(tiny_vocab), **kw, **{"parallel.tp": 2}) as llm:
+        outs = llm.generate_outputs(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+        assert [o.outputs[0].token_ids for o in outs] == reference
+        assert llm.engine.stats()["spec_accepted_tokens"] > 5
