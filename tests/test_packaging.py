@@ -72,6 +72,9 @@ def test_a_built_wheel_holds_the_kernels_under_engine(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"engine/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     assert expected <= names and not any(n.startswith("kernels/") for n in names)
+    # and every other module of the package (engine/quant was once left out)
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "engine").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = "import engine.kernels.paged as p, sys; print(p.__file__)"
