@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import torch
@@ -27,9 +28,10 @@ from engine.prefix_cache import PrefixCache
 from engine.progress import slow_step
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, check_request
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, Status
 from engine.spec.base import Proposer
+from engine.spec.governor import Governor
 from engine.structured import GrammarBackend
 from engine.tp_worker import start_local_ranks
 
@@ -59,6 +61,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
         self.proposer: Proposer = cfg.spec.build()
+        self.governor = Governor() if self.proposer.enabled and self.proposer.only_when_faster else None
         if self.proposer.enabled:
             log.info("speculative decoding: %s", self.proposer.describe())
         self.spec_stats = {"spec_steps": 0, "spec_proposed_tokens": 0, "spec_accepted_tokens": 0}
@@ -174,6 +177,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
+        decoding = self.governor is not None and self._is_decoding(batch)
+        start = time.perf_counter()
         with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
             logits, rows, prompt_logprobs = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -184,6 +189,10 @@ class LLMEngine:
 
         if rows:
             outputs += self._verify(logits, [batch.seqs[r] for r in rows])
+        if decoding:
+            made = sum(len(out.new_token_ids) for out in outputs)
+            speculated = len(batch.seqs) < sum(batch.num_new_tokens)
+            self.governor.record(speculated, len(batch.seqs), made, time.perf_counter() - start)
         if not batch.is_decode_only:
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 if seq.status is Status.RUNNING and n > 1:
@@ -199,6 +208,8 @@ class LLMEngine:
             seq.draft_token_ids = []
             if seq.num_computed_tokens + 1 == seq.num_tokens:
                 seqs.append(seq)
+        if self.governor is not None and not self.governor.allow(len(seqs)):
+            return
         # The target's own token after the draft is always generated, so a draft may be one shorter than what
         # the sequence has left.
         limits = [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - s.num_tokens) - 1 for s in seqs]
@@ -206,6 +217,14 @@ class LLMEngine:
             if draft and seq.matcher is not None:
                 draft = draft[: seq.matcher.validate_tokens(draft)]
             seq.draft_token_ids = draft
+
+    @staticmethod
+    def _is_decoding(batch: ScheduledBatch) -> bool:
+        """Every row decodes (its one known token, perhaps a draft after it): a step the governor compares."""
+        return all(
+            n == 1 + len(s.draft_token_ids) and s.num_computed_tokens + 1 == s.num_tokens
+            for s, n in zip(batch.seqs, batch.num_new_tokens)
+        )
 
     def _verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[StepOutput]:
         """Sample each sequence's next token; a speculating one then samples again after each draft token its

@@ -19,10 +19,13 @@ from conftest import hf_greedy, qwen_tokenizer_dir, trim_at_eos
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, compose_config
 from engine.sequence import Sequence
+from engine.spec.governor import Governor
 from engine.spec.ngram import NgramProposer
 
 VOCAB = 64
 MAX_NEW = 40
+# Always speculate: on a tiny model the governor's timings would decide at random whether drafts run.
+ALWAYS = {"spec.only_when_faster": False}
 
 CONFIGS = {
     "eager": dict(enforce_eager=True),
@@ -36,6 +39,8 @@ CONFIGS = {
     # ~70 tokens per sequence at page size 4: a few at a time; drafts find no free page and are dropped.
     "preempting": dict(enforce_eager=True, page_size=4, num_pages=40, max_num_batched_tokens=64),
     "k8-not-adaptive": {"enforce_eager": True, "spec.num_tokens": 8, "spec.adaptive": False, "spec.min_ngram": 1},
+    # Timed: whether drafts run is the governor's choice, the output the same either way.
+    "governed": {"enforce_eager": True, "spec.only_when_faster": True},
 }
 SLOW = {"flex", "compiled"}
 
@@ -91,12 +96,21 @@ def _pool_is_full(llm: LLM) -> bool:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CONFIGS])
 def test_greedy_ngram_matches_transformers(name, tiny_vocab, prompts, reference, device):
-    llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, device=device, spec="ngram", **CONFIGS[name])
+    llm = LLM(
+        str(tiny_vocab),
+        dtype=torch.float32,
+        progress_bar=False,
+        device=device,
+        spec="ngram",
+        **{**ALWAYS, **CONFIGS[name]},
+    )
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     for attempt in range(2):  # the second pass finds every prompt in the prefix cache
         outs = llm.generate_outputs(prompts, params)
         assert [o.outputs[0].token_ids for o in outs] == reference, f"{name}, pass {attempt}"
     stats = llm.engine.stats()
+    if name == "governed":
+        return
     assert stats["spec_accepted_tokens"] > 20, stats  # the drafts were used, not just proposed
     assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats  # and some were rejected
     assert sum(o.usage.accepted_prediction_tokens for o in outs) > 0
@@ -110,7 +124,7 @@ def test_logprobs_n_and_max_tokens_inside_an_accepted_run(tiny_vocab, prompts):
     ends a run of accepted tokens exactly where it says."""
     runs = {}
     for spec in ("none", "ngram"):
-        llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec)
+        llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec, **ALWAYS)
         params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, logprobs=3, n=2)
         runs[spec] = llm.generate_outputs(prompts, params)
         assert _pool_is_full(llm)
@@ -127,7 +141,7 @@ def test_stop_strings_and_eos_inside_accepted_runs(tiny_vocab, prompts):
     """A stop string or EOS landing inside an accepted run ends the text where it would without speculation."""
     texts = {}
     for spec in ("none", "ngram"):
-        llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec)
+        llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True, spec=spec, **ALWAYS)
         eos = llm.generate_outputs(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
         free = llm.generate_outputs(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True))
         # Stop at a piece of each prompt's output from its middle (ids below 64 are one character each).
@@ -152,6 +166,7 @@ def test_structured_output_cuts_drafts_the_grammar_refuses(tiny_qwen3):
             enforce_eager=True,
             spec=spec,
             **{"spec.min_ngram": 1, "spec.adaptive": False},
+            **ALWAYS,
         )
         texts[spec] = [o.outputs[0].text for o in llm.generate_outputs(prompts, params)]
         stats[spec] = llm.engine.stats()
@@ -220,6 +235,7 @@ def test_sampling_keeps_the_target_distribution(tmp_path, top_p):
         spec="ngram",
         max_running_requests=256,
         **{"spec.adaptive": False, "spec.min_ngram": 1},
+        **ALWAYS,
     )
     # The model's own greedy continuation as the prompt: what it repeats, prompt lookup proposes.
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -284,7 +300,7 @@ def test_server_streams_speculated_tokens_and_reports_them(tiny_vocab, prompts, 
 
     llm = LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, enforce_eager=True)
     expected = llm.generate_outputs(prompts[:3], SamplingParams(max_tokens=MAX_NEW, temperature=0))
-    with running_server(tiny_vocab, tmp_path, "spec=ngram") as url:
+    with running_server(tiny_vocab, tmp_path, "spec=ngram", "spec.only_when_faster=false") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         for prompt, want in zip(prompts[:3], expected):
             chunks = list(
@@ -312,8 +328,25 @@ def test_server_streams_speculated_tokens_and_reports_them(tiny_vocab, prompts, 
 
 def test_tensor_parallel_speculates_like_one_rank(tiny_vocab, prompts, reference):
     """Rank 0 proposes and verifies; the other rank runs the same verification steps on its shard."""
-    kw = dict(dtype=torch.float32, enforce_eager=True, progress_bar=False, quant="none", spec="ngram")
+    kw = dict(dtype=torch.float32, enforce_eager=True, progress_bar=False, quant="none", spec="ngram", **ALWAYS)
     with LLM(str(tiny_vocab), **kw, **{"parallel.tp": 2}) as llm:
         outs = llm.generate_outputs(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
         assert [o.outputs[0].token_ids for o in outs] == reference
         assert llm.engine.stats()["spec_accepted_tokens"] > 5
+
+
+def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
+    slow_spec = Governor(explore_every=8)
+    choices = []
+    for _ in range(64):
+        spec = slow_spec.allow(1)
+        choices.append(spec)
+        slow_spec.record(spec, 1, 2 if spec else 1, 0.05 if spec else 0.01)  # drafts: 40 tok/s, plain: 100
+    assert choices[:2] == [True, False] and 4 <= sum(choices) <= 12  # the first try, then 1 in 8
+    fast_spec = Governor(explore_every=8)
+    for _ in range(64):
+        spec = fast_spec.allow(4)
+        fast_spec.record(spec, 4, 12 if spec else 4, 0.02)
+    assert fast_spec.allow(4) or fast_spec.allow(4)
+    assert fast_spec.rates[True, 3] > fast_spec.rates[False, 3]
+    assert slow_spec.allow(32) is True  # another batch-size class is measured afresh

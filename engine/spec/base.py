@@ -32,17 +32,20 @@ class SpecState:
 
 
 class Proposer(ABC):
-    def __init__(self, num_tokens: int = 4, adaptive: bool = True, min_acceptance: float = 0.3) -> None:
+    def __init__(
+        self, num_tokens: int = 3, adaptive: bool = True, min_acceptance: float = 0.3, only_when_faster: bool = True
+    ) -> None:
         self.num_tokens = num_tokens
         self.adaptive = adaptive
         self.min_acceptance = min_acceptance
+        self.only_when_faster = only_when_faster  # engine/spec/governor.py
 
     @property
     def enabled(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return f"{type(self).__name__}(num_tokens={self.num_tokens}, adaptive={self.adaptive})"
+        return f"num_tokens={self.num_tokens}, adaptive={self.adaptive}, only_when_faster={self.only_when_faster}"
 
     def state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
