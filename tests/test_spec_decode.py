@@ -350,3 +350,25 @@ def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
     assert fast_spec.allow(4) or fast_spec.allow(4)
     assert fast_spec.rates[True, 3] > fast_spec.rates[False, 3]
     assert slow_spec.allow(32) is True  # another batch-size class is measured afresh
+
+
+@pytest.mark.slow
+def test_smollm2_default_weights_speculate_token_identically():
+    """The real SmolLM2 in the default config (quant=auto: int4 layers, int8 head; compiled): prompt lookup on
+    answers that copy their prompt gives spec=none's greedy tokens, verification steps included."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    from spec_decode import WORKLOADS
+
+    outputs, stats = {}, {}
+    for spec in ("none", "ngram"):
+        llm = LLM(spec=spec, progress_bar=False, cache="none", **ALWAYS)
+        messages = [[{"role": "user", "content": text}] for text in WORKLOADS["copy"]]
+        outs = llm.chat_outputs(messages, SamplingParams(max_tokens=48, temperature=0))
+        outputs[spec] = [o.outputs[0].token_ids for o in outs]
+        stats[spec] = llm.engine.stats()
+        llm.shutdown()
+    assert outputs["ngram"] == outputs["none"]
+    assert stats["ngram"]["spec_accepted_tokens"] > 10, stats["ngram"]
