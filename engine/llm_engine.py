@@ -270,8 +270,6 @@ class LLMEngine:
         used (the K/V itself is overwritten by later steps; the prefix cache only takes computed tokens)."""
         proposed = len(seq.draft_token_ids)
         self.proposer.observe(seq, proposed, accepted)
-        seq.num_draft_proposed += proposed
-        seq.num_draft_accepted += accepted
         out.num_draft_proposed, out.num_draft_accepted = proposed, accepted
         self.spec_stats["spec_steps"] += 1
         self.spec_stats["spec_proposed_tokens"] += proposed

@@ -39,8 +39,6 @@ class Sequence:
     # `token_ids`), and the proposer's history of this sequence (engine/spec/base.py).
     draft_token_ids: list[int] = field(default_factory=list)
     spec: Any = None
-    num_draft_proposed: int = 0
-    num_draft_accepted: int = 0
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
 
