@@ -124,8 +124,14 @@ class KVCacheConfig:
     page_size: int = 16  # tokens per page
     memory_mb: float = 512  # pool budget, all layers, K and V
     num_pages: int | None = None  # overrides memory_mb
+    # Sliding-window layers beside full ones keep only their window's pages (engine/kv_cache.py); false: every
+    # layer keeps every page.
+    window_pages: bool = True
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.window_pages, bool), "kv_cache.window_pages", self.window_pages, "must be true or false"
+        )
         _require(_is_int(self.page_size) and self.page_size >= 1, "kv_cache.page_size", self.page_size, "must be >= 1")
         mb = self.memory_mb
         _require(isinstance(mb, (int, float)) and mb > 0, "kv_cache.memory_mb", mb, "must be a positive number")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import PageAllocator, pages_for_budget
+from engine.kv_cache import pages_for_budget
 from engine.kv_manager import KVManager
 from engine.model_runner import build_runner, kv_heads_per_rank, max_model_len
 from engine.models.loader import load_config
@@ -54,9 +54,19 @@ class LLMEngine:
         self.workers = self._start_tp(num_pages) if self.tp.size > 1 else []
         self.runner, self.pool = build_runner(self.cfg, source, mc, num_pages, self.tp)
         self.model = self.runner.model
-        self.allocator = PageAllocator(self.pool.num_pages)
-        self.prefix_cache: PrefixCache = cfg.cache.build(allocator=self.allocator, page_size=page_size)
-        self.kv = KVManager(self.allocator, self.prefix_cache, page_size)
+        self.allocator, self.window_allocator = self.pool.allocators()
+        self.prefix_cache: PrefixCache = cfg.cache.build(
+            allocator=self.allocator, page_size=page_size, window_allocator=self.window_allocator
+        )
+        window = max(mc.windows()) if self.window_allocator is not None else 0
+        self.kv = KVManager(self.allocator, self.prefix_cache, page_size, self.window_allocator, window)
+        if window:
+            log.info(
+                "KV pages: the %d sliding-window layers keep their last %d tokens, the other %d the whole context",
+                len(self.pool.window_layers),
+                window,
+                mc.num_layers - len(self.pool.window_layers),
+            )
         s = cfg.scheduler
         self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
@@ -65,7 +75,7 @@ class LLMEngine:
         if self.proposer.enabled:
             log.info("speculative decoding: %s", self.proposer.describe())
         self.spec_stats = {"spec_steps": 0, "spec_proposed_tokens": 0, "spec_accepted_tokens": 0}
-        self.max_model_len = max_model_len(cfg, mc, self.pool.num_pages)
+        self.max_model_len = max_model_len(cfg, mc, self.pool)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.grammars = GrammarBackend(source, mc.vocab_size)
@@ -322,14 +332,33 @@ class LLMEngine:
 
     # -- introspection -------------------------------------------------------------------------------
 
+    def _kv_stats(self) -> dict[str, float]:
+        """Pool occupancy in pages of every layer. With a windowed group (engine/kv_cache.py) a page of either
+        group is the fraction of such a page that its layers are, so the figures stay comparable."""
+        cache = self.prefix_cache
+        if self.window_allocator is None:
+            return {
+                "kv_pages_total": self.allocator.capacity,
+                "kv_pages_free": self.allocator.num_free,
+                "kv_pages_cached": cache.total_pages,
+                "kv_pages_evictable": cache.evictable_pages,
+            }
+        full, windowed = self.allocator.layers, self.window_allocator.layers
+        per_page = full + windowed
+        return {
+            "kv_pages_total": round(self.allocator.capacity * full / per_page, 6),
+            "kv_pages_free": round(self.allocator.space.free_layer_pages / per_page, 6),
+            "kv_pages_cached": round((cache.total_pages * full + cache.total_window_pages * windowed) / per_page, 6),
+            "kv_pages_evictable": round(
+                (cache.evictable_pages * full + cache.evictable_window_pages * windowed) / per_page, 6
+            ),
+        }
+
     def stats(self) -> dict[str, int]:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "kv_pages_total": self.allocator.capacity,
-            "kv_pages_free": self.allocator.num_free,
-            "kv_pages_cached": self.prefix_cache.total_pages,
-            "kv_pages_evictable": self.prefix_cache.evictable_pages,
+            **self._kv_stats(),
             "preemptions": self.scheduler.num_preemptions,
             "decode_compiled": int(self.runner.graphs.decode is not None),
             "prefill_compiled": int(self.runner.graphs.prefill is not None),

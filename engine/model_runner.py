@@ -68,10 +68,12 @@ class ModelRunner:
         compile_cfg: CompileConfig,
         prefill_tokens: int,
         max_model_len: int,
+        windowed: bool = False,
     ) -> None:
         self.model = model
         self.backend = backend
         self.page_size = page_size
+        self.windowed = windowed  # the windowed layers page apart (engine/kv_cache.py)
         self.device = device
         self.buckets = compile_cfg.batch_buckets
         # Padding to a bucket bounds the number of graphs where each batch size would need its own
@@ -113,6 +115,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        window_slots: list[int] = []
         pad_index: list[int] = []
         max_q = self.backend.padded_query_len(max(batch.num_new_tokens))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -120,6 +123,9 @@ class ModelRunner:
             ids.extend(seq.scheduled_tokens(start, n))
             positions.extend(range(start, start + n))
             slots.extend(pages[p // ps] * ps + p % ps for p in range(start, start + n))
+            if self.windowed:
+                held = seq.window_pages
+                window_slots.extend(held[p // ps] * ps + p % ps for p in range(start, start + n))
             pad_index.extend(range(row * max_q, row * max_q + n))
         query_lens = list(batch.num_new_tokens)
         seq_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
@@ -131,15 +137,23 @@ class ModelRunner:
         width = self.backend.padded_pages(max(len(s.pages) for s in batch.seqs))
         table = [p for s in batch.seqs for p in s.pages + [SCRATCH_PAGE] * (width - len(s.pages))]
         table += [SCRATCH_PAGE] * (width * pad_rows)
+        window_table = []
+        if self.windowed:
+            window_slots += [SCRATCH_PAGE * ps] * pad_rows
+            window_table = [
+                p for s in batch.seqs for p in s.window_pages + [SCRATCH_PAGE] * (width - len(s.window_pages))
+            ]
+            window_table += [SCRATCH_PAGE] * (width * pad_rows)
         if max_q == 1:
             pad_index = []
-        parts = [ids, positions, slots, all_lens, table, pad_index]
+        parts = [ids, positions, slots, all_lens, table, pad_index, window_slots, window_table]
         if self.device.type == "cuda":  # one pinned buffer, one non-blocking copy, views of it
             flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long)
             flat = flat.pin_memory().to(self.device, non_blocking=True)
-            ids_t, pos_t, slot_t, lens_t, table_t, pad_t = flat.split([len(p) for p in parts])
+            ids_t, pos_t, slot_t, lens_t, table_t, pad_t, wslot_t, wtable_t = flat.split([len(p) for p in parts])
         else:  # nothing to copy; and a compiled layer region refuses inputs that are views of one tensor
-            ids_t, pos_t, slot_t, lens_t, table_t, pad_t = (torch.tensor(p, dtype=torch.long) for p in parts)
+            tensors = (torch.tensor(p, dtype=torch.long) for p in parts)
+            ids_t, pos_t, slot_t, lens_t, table_t, pad_t, wslot_t, wtable_t = tensors
         paged = PagedBatch(
             positions=pos_t,
             slot_mapping=slot_t,
@@ -149,6 +163,8 @@ class ModelRunner:
             pad_index=None if max_q == 1 else pad_t,
             query_lens=query_lens + [1] * pad_rows,
             host_seq_lens=all_lens,
+            window_slot_mapping=wslot_t if self.windowed else None,
+            window_page_table=wtable_t.view(len(all_lens), width) if self.windowed else None,
         )
         return ids_t, paged
 
@@ -268,7 +284,9 @@ def build_runner(
     page_size, dtype, device = cfg.kv_cache.page_size, cfg.torch_dtype, torch.device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory_in_heap()
-    pool = KVPool(mc.num_layers, kv_heads_per_rank(mc, tp), mc.head_dim, num_pages, page_size, dtype, device)
+    windowed = windowed_layers(cfg, mc)
+    kv_heads = kv_heads_per_rank(mc, tp)
+    pool = KVPool(mc.num_layers, kv_heads, mc.head_dim, num_pages, page_size, dtype, device, windowed)
     backend = cfg.attention.build(k_cache=pool.k, v_cache=pool.v, page_size=page_size)
     backend.use_windows(mc.windows())
     model = build_model(source, mc, backend, dtype, device, tp, cfg.quant.build().for_placement(device.type, tp.size))
@@ -279,13 +297,29 @@ def build_runner(
         device,
         cfg.compile,
         cfg.scheduler.max_num_batched_tokens,
-        max_model_len(cfg, mc, num_pages),
+        max_model_len(cfg, mc, pool),
+        windowed=bool(windowed),
     )
     return runner, pool
 
 
-def max_model_len(cfg: EngineConfig, mc: ModelConfig, num_pages: int) -> int:
+def windowed_layers(cfg: EngineConfig, mc: ModelConfig) -> tuple[int, ...]:
+    """The layers that page as the windowed group (engine/kv_cache.py): the sliding ones of a model that also
+    has full ones (windowed everywhere, a model's pool would need a second group of pages to free nothing
+    sooner), where the backend reads strided caches and no CUDA graph replays fixed page tables. Empty: every
+    layer keeps every page."""
+    layers = tuple(i for i in range(mc.num_layers) if mc.window(i))
+    possible = cfg.attention.resolve().supports_layer_groups and not (cfg.device == "cuda" and cfg.compile.cuda_graphs)
+    return layers if cfg.kv_cache.window_pages and 0 < len(layers) < mc.num_layers and possible else ()
+
+
+def max_model_len(cfg: EngineConfig, mc: ModelConfig, pool: KVPool) -> int:
     """The longest sequence: the configured or the model's limit, and no longer than the pool can hold on its
-    own (so a lone request can always finish)."""
+    own (so a lone request can always finish: with a windowed group, beside its window and one step's tokens)."""
     limit = min(cfg.model.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return min(limit, (num_pages - 1) * cfg.kv_cache.page_size)
+    page_size = cfg.kv_cache.page_size
+    # A lone sequence's windowed pages: its window and one step's new tokens.
+    window_pages = (
+        -(-(max(mc.windows()) + cfg.scheduler.max_num_batched_tokens) // page_size) + 1 if pool.window_layers else 0
+    )
+    return min(limit, pool.full_pages_beside(window_pages) * page_size)

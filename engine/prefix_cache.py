@@ -5,6 +5,11 @@ A prefix cache owns the KV pages it has been given for token prefixes, hands the
 prompts start with the same tokens, and frees unreferenced ones when the allocator runs dry. A handle
 (`match`/`insert` return one) names where a prefix ends; a sequence keeps its handle locked while it
 uses those pages.
+
+With sliding-window layers (engine/kv_cache.py) the cache also holds the windowed group's page of each cached
+page where one is still held (sequences drop theirs once out of their window); `match_window` says which, so
+that only a prefix whose last window is held is reused. Windowed pages are shared by reference count, and
+`evict(..., windowed=True)` drops the ones no sequence holds.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ Handle = Any  # implementation-defined; None means "nothing cached"
 
 
 class PrefixCache(ABC):
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int, window_allocator: PageAllocator | None = None) -> None:
         self.allocator = allocator
         self.page_size = page_size
+        self.window_allocator = window_allocator
 
     @abstractmethod
     def match(self, tokens: list[int]) -> tuple[Handle, list[int]]:
@@ -31,10 +37,17 @@ class PrefixCache(ABC):
         return len(self.match(tokens)[1]) * self.page_size
 
     @abstractmethod
-    def insert(self, tokens: list[int], pages: list[int]) -> tuple[Handle, list[int]]:
+    def match_window(self, handle: Handle) -> list[int]:
+        """The windowed pages along the prefix ending at `handle` (SCRATCH_PAGE where none is held)."""
+
+    @abstractmethod
+    def insert(
+        self, tokens: list[int], pages: list[int], window_pages: list[int] | None = None
+    ) -> tuple[Handle, list[int]]:
         """Take `pages` (full pages holding the K/V of `tokens`). Returns the handle and the cache's own
         pages for them: where it already held a page for the same tokens it frees the caller's copy, so the
-        caller must use the returned pages from now on."""
+        caller must use the returned pages from now on. The caller's `window_pages` are shared (not taken)
+        where the cache holds none for that page."""
 
     @abstractmethod
     def lock(self, handle: Handle) -> None:
@@ -45,8 +58,9 @@ class PrefixCache(ABC):
         """Undo one `lock`."""
 
     @abstractmethod
-    def evict(self, num_pages: int) -> int:
-        """Free at least `num_pages` unreferenced pages if possible; returns how many were freed."""
+    def evict(self, num_pages: int, windowed: bool = False) -> int:
+        """Free at least `num_pages` unreferenced pages (of the windowed group if `windowed`) if possible;
+        returns how many were freed."""
 
     @property
     @abstractmethod
@@ -58,9 +72,19 @@ class PrefixCache(ABC):
     def total_pages(self) -> int:
         """Pages the cache holds, referenced or not."""
 
+    @property
+    def evictable_window_pages(self) -> int:
+        """Windowed pages that `evict(..., windowed=True)` could free now."""
+        return 0
+
+    @property
+    def total_window_pages(self) -> int:
+        return 0
+
     def reset(self) -> None:
         """Drop every unreferenced page (e.g. between benchmark runs)."""
         self.evict(self.evictable_pages)
+        self.evict(self.evictable_window_pages, windowed=True)
 
 
 class NoPrefixCache(PrefixCache):
@@ -72,7 +96,12 @@ class NoPrefixCache(PrefixCache):
     def match(self, tokens: list[int]) -> tuple[None, list[int]]:
         return None, []
 
-    def insert(self, tokens: list[int], pages: list[int]) -> tuple[None, list[int]]:
+    def match_window(self, handle: None) -> list[int]:
+        return []
+
+    def insert(
+        self, tokens: list[int], pages: list[int], window_pages: list[int] | None = None
+    ) -> tuple[None, list[int]]:
         return None, []
 
     def lock(self, handle: None) -> None:
@@ -81,5 +110,5 @@ class NoPrefixCache(PrefixCache):
     def unlock(self, handle: None) -> None:
         pass
 
-    def evict(self, num_pages: int) -> int:
+    def evict(self, num_pages: int, windowed: bool = False) -> int:
         return 0

@@ -2,7 +2,10 @@
 
 `RadixCache` keeps computed KV pages in a radix tree keyed by token ids, one edge label being a whole
 number of pages. Sequences lock the node their prefix ends at (a reference count on the path to the
-root); unlocked leaves are evicted least-recently-used first when the allocator runs dry.
+root); unlocked leaves are evicted least-recently-used first when the allocator runs dry. With windowed
+layers each node also lists the windowed page of each of its pages (SCRATCH_PAGE where none is held);
+those are shared with the sequences by reference count and dropped, oldest nodes first, when the windowed
+group runs dry and no sequence holds them.
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from engine.kv_cache import PageAllocator
+from engine.kv_cache import SCRATCH_PAGE, PageAllocator
 from engine.prefix_cache import PrefixCache
 
 
 class _Node:
-    __slots__ = ("key", "pages", "parent", "children", "lock_ref", "last_access")
+    __slots__ = ("key", "pages", "window_pages", "parent", "children", "lock_ref", "last_access")
 
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: _Node | None) -> None:
+    def __init__(
+        self, key: tuple[int, ...], pages: list[int], parent: _Node | None, window_pages: list[int] | None = None
+    ) -> None:
         self.key = key
         self.pages = pages
+        self.window_pages = window_pages or []  # empty when the model has no windowed group
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}
         self.lock_ref = 0
@@ -30,8 +36,8 @@ class _Node:
 
 
 class RadixCache(PrefixCache):
-    def __init__(self, allocator: PageAllocator, page_size: int) -> None:
-        super().__init__(allocator, page_size)
+    def __init__(self, allocator: PageAllocator, page_size: int, window_allocator: PageAllocator | None = None) -> None:
+        super().__init__(allocator, page_size, window_allocator)
         self.root = _Node((), [], None)
         self.root.lock_ref = 1  # never evicted
         self._evictable = 0
@@ -68,20 +74,31 @@ class RadixCache(PrefixCache):
             node = child
         return node, pages
 
+    def match_window(self, node: _Node) -> list[int]:
+        parts = []
+        while node is not None:
+            parts.append(node.window_pages)
+            node = node.parent
+        return [p for part in reversed(parts) for p in part]
+
     def _split(self, node: _Node, k: int) -> _Node:
         """Cut `node`'s edge after k pages; returns the new upper half."""
         cut = k * self.page_size
-        upper = _Node(node.key[:cut], node.pages[:k], node.parent)
+        upper = _Node(node.key[:cut], node.pages[:k], node.parent, node.window_pages[:k])
         upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
         node.parent.children[upper.key[: self.page_size]] = upper
         node.key, node.pages, node.parent = node.key[cut:], node.pages[k:], upper
+        node.window_pages = node.window_pages[k:]
         upper.children[node.key[: self.page_size]] = node
         return upper
 
     # -- insert --------------------------------------------------------------------------------------
 
-    def insert(self, tokens: list[int], pages: list[int]) -> tuple[_Node, list[int]]:
-        """Give the tree `pages` holding KV of `tokens` (len(pages) full pages).
+    def insert(
+        self, tokens: list[int], pages: list[int], window_pages: list[int] | None = None
+    ) -> tuple[_Node, list[int]]:
+        """Give the tree `pages` holding KV of `tokens` (len(pages) full pages), and share the caller's
+        `window_pages` the tree lacks.
 
         Returns the node the prefix ends at and the tree's pages for it. Where the tree already held a
         page for the same tokens (another sequence computed it first), the caller's copy is freed and the
@@ -94,6 +111,9 @@ class RadixCache(PrefixCache):
             child = node.children.get(self._page_key(tokens, i))
             if child is None:
                 new = _Node(tuple(tokens[i * self.page_size :]), list(pages[i:]), node)
+                if window_pages is not None:
+                    new.window_pages = [SCRATCH_PAGE] * len(new.pages)
+                    self._share_window(new, window_pages[i:])
                 new.last_access = now
                 node.children[new.key[: self.page_size]] = new
                 self._evictable += len(new.pages)
@@ -103,11 +123,20 @@ class RadixCache(PrefixCache):
                 child = self._split(child, k)
             duplicates = [own for own, tree in zip(pages[i : i + k], child.pages) if own != tree]
             self.allocator.free(duplicates)
+            if window_pages is not None:
+                self._share_window(child, window_pages[i : i + k])
             child.last_access = now
             out.extend(child.pages)
             i += k
             node = child
         return node, out
+
+    def _share_window(self, node: _Node, window_pages: list[int]) -> None:
+        """Hold the caller's windowed pages where `node` holds none (the caller keeps its own hold)."""
+        for j, page in enumerate(window_pages[: len(node.window_pages)]):
+            if node.window_pages[j] == SCRATCH_PAGE and page != SCRATCH_PAGE:
+                self.window_allocator.share(page)
+                node.window_pages[j] = page
 
     # -- reference counts and eviction ---------------------------------------------------------------
 
@@ -126,14 +155,19 @@ class RadixCache(PrefixCache):
                 self._evictable += len(node.pages)
             node = node.parent
 
-    def evict(self, num_pages: int) -> int:
-        """Free at least `num_pages` unreferenced pages if possible, oldest leaves first; returns freed."""
+    def evict(self, num_pages: int, windowed: bool = False) -> int:
+        """Free at least `num_pages` unreferenced pages if possible, oldest leaves first (windowed pages:
+        from the oldest nodes, leaving the nodes in place); returns freed."""
+        if windowed:
+            return self._evict_windowed(num_pages)
         heap = [n for n in self._leaves() if n.lock_ref == 0]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_pages:
             leaf = heapq.heappop(heap)
             self.allocator.free(leaf.pages)
+            if leaf.window_pages:  # nobody else holds them: a sequence holding one would lock the leaf
+                self.window_allocator.free([p for p in leaf.window_pages if p != SCRATCH_PAGE])
             freed += len(leaf.pages)
             self._evictable -= len(leaf.pages)
             parent = leaf.parent
@@ -141,6 +175,37 @@ class RadixCache(PrefixCache):
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
         return freed
+
+    def _evict_windowed(self, num_pages: int) -> int:
+        freed = 0
+        for node in sorted(self._nodes(), key=lambda n: n.last_access):
+            for j, page in enumerate(node.window_pages):
+                if freed >= num_pages:
+                    return freed
+                if page != SCRATCH_PAGE and self.window_allocator.holders(page) == 1:
+                    self.window_allocator.free([page])
+                    node.window_pages[j] = SCRATCH_PAGE
+                    freed += 1
+        return freed
+
+    def _nodes(self) -> list[_Node]:
+        stack, nodes = [self.root], []
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children.values())
+        return nodes
+
+    def _held_window_pages(self) -> list[int]:
+        return [p for node in self._nodes() for p in node.window_pages if p != SCRATCH_PAGE]
+
+    @property
+    def evictable_window_pages(self) -> int:
+        return sum(self.window_allocator.holders(p) == 1 for p in self._held_window_pages())
+
+    @property
+    def total_window_pages(self) -> int:
+        return len(self._held_window_pages())
 
     def _leaves(self) -> list[_Node]:
         stack, leaves = [self.root], []
@@ -154,12 +219,7 @@ class RadixCache(PrefixCache):
 
     @property
     def total_pages(self) -> int:
-        stack, total = [self.root], 0
-        while stack:
-            node = stack.pop()
-            total += len(node.pages)
-            stack.extend(node.children.values())
-        return total
+        return sum(len(node.pages) for node in self._nodes())
 
     @property
     def evictable_pages(self) -> int:

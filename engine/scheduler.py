@@ -114,7 +114,7 @@ class Scheduler:
             self.waiting = deque(self.policy.order(list(self.waiting), self.kv))
             while self.waiting and budget > 0 and len(self.running) < self.max_running:
                 seq = self.waiting[0]
-                if not self.kv.admit(seq):
+                if not self.kv.admit(seq, budget):
                     break
                 self.waiting.popleft()
                 seq.status = Status.RUNNING

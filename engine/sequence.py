@@ -29,6 +29,9 @@ class Sequence:
     # KV state: tokens [0, num_computed_tokens) have K/V in the pages listed in logical order.
     num_computed_tokens: int = 0
     pages: list[int] = field(default_factory=list)
+    # Windowed layers' pages (engine/kv_cache.py), by the same logical index; SCRATCH_PAGE for pages that
+    # left the window, and none yet past the tokens scheduled so far. Empty when every layer keeps every page.
+    window_pages: list[int] = field(default_factory=list)
     num_tree_pages: int = 0  # leading pages owned by the prefix cache
     cache_node: Any = None  # prefix-cache handle this sequence keeps locked
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache

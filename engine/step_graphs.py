@@ -25,7 +25,7 @@ from engine import inductor_fixes
 from engine.config import CompileConfig
 from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
 from engine.kernels.quant_linear import FEW_ROW_BUCKETS, FEW_ROWS
-from engine.kv_cache import SCRATCH_PAGE
+from engine.kv_cache import SCRATCH_PAGE, cache_tensors
 from engine.models.transformer import CausalLM, run_layer
 from engine.progress import Progress
 
@@ -143,7 +143,7 @@ class StepGraphs:
         # The KV pool never changes shape. Left symbolic, "duck sizing" gave a batch of 2 (or 16) the symbol
         # of the KV head count (or page size), which the cache write then pinned: the "dynamic" graph only
         # served that one batch size and the next size compiled for minutes in the middle of a run.
-        for cache in (*self.backend.k_cache, *self.backend.v_cache):
+        for cache in (*cache_tensors(self.backend.k_cache), *cache_tensors(self.backend.v_cache)):
             torch._dynamo.mark_static(cache)
         torch.fx.experimental._config.use_duck_shape = False  # equal sizes of different inputs stay apart
         # Left unspecialised, every RMSNorm's eps (a float attribute) became a graph input that each call

@@ -26,6 +26,7 @@ def _flex_outside_caller_graph(q, k, v, block_mask, scale):
 
 class FlexPagedAttention(PagedAttentionBase):
     supports_dynamic_shapes = False
+    supports_layer_groups = False  # the pool is read as one flat sequence
     cuda_graph_safe = False  # its block mask's span is read from the page table on the host
 
     def __init__(

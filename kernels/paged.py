@@ -28,10 +28,19 @@ class PagedBatch:
     # them back from the device would wait for it). Compiled decode steps never read them.
     query_lens: list[int] | None = None
     host_seq_lens: list[int] | None = None
+    # The windowed layers' own slots and pages (engine/kv_cache.py); None when every layer pages alike.
+    window_slot_mapping: torch.Tensor | None = None
+    window_page_table: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.page_table.shape[0]
+
+    def paging(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot mapping and page table of a layer with this window (0: a full layer)."""
+        if window and self.window_page_table is not None:
+            return self.window_slot_mapping, self.window_page_table
+        return self.slot_mapping, self.page_table
 
 
 class LayerCache(NamedTuple):
@@ -56,6 +65,9 @@ class PagedAttentionBase(ABC):
     """
 
     supports_dynamic_shapes = True  # may a compiled caller trace it with symbolic sizes?
+    # May windowed layers page apart from full ones (PagedBatch.paging), their caches strided views of a shared
+    # pool? A backend that reads the pool as one flat sequence cannot.
+    supports_layer_groups = True
     cuda_graph_safe = True  # may a decode step through it be captured in a CUDA graph (no host reads)?
 
     def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int) -> None:
@@ -140,6 +152,11 @@ class PagedAttentionBase(ABC):
     @staticmethod
     def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kc, vc = cache
+        if not kc.is_contiguous():  # a layer group's strided view of the shared pool: pages do not flatten
+            page, offset = slot_mapping // kc.shape[1], slot_mapping % kc.shape[1]
+            kc.index_put_((page, offset), k.to(kc.dtype))
+            vc.index_put_((page, offset), v.to(vc.dtype))
+            return
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k.to(kc.dtype))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v.to(vc.dtype))
 

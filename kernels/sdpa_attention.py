@@ -59,13 +59,17 @@ class SDPAAttention(PagedAttentionBase):
             tokens = torch.tensor([t for r in rows for t in range(starts[r], starts[r] + n)], device=dev)
         row_ids = torch.tensor(rows, device=dev)
         pages = -(-max(seq_lens[r] for r in rows) // self.page_size)
+        width = pages if n > 1 else self.padded_pages(pages)
+        windowed = batch.window_page_table is not None
         sub = PagedBatch(
             positions=batch.positions[tokens],
             slot_mapping=batch.slot_mapping[tokens],
-            page_table=batch.page_table[row_ids, : pages if n > 1 else self.padded_pages(pages)],
+            page_table=batch.page_table[row_ids, :width],
             seq_lens=batch.seq_lens[row_ids],
             max_query_len=n,
             pad_index=None,
+            window_slot_mapping=batch.window_slot_mapping[tokens] if windowed else None,
+            window_page_table=batch.window_page_table[row_ids, :width] if windowed else None,
         )
         whole_prompts = n > 1 and seq_lens[rows[0]] == n
         return Part(tokens, sub, self._masks(sub, causal_up_to=n if whole_prompts else 0))
@@ -83,8 +87,9 @@ class SDPAAttention(PagedAttentionBase):
         window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
-        self.write_kv(cache, k, v, batch.slot_mapping)
-        return paged_decode_attention(q, cache.k, cache.v, batch.page_table, batch.positions, window, scale)
+        slots, table = batch.paging(window)
+        self.write_kv(cache, k, v, slots)
+        return paged_decode_attention(q, cache.k, cache.v, table, batch.positions, window, scale)
 
     def _masks(self, batch: PagedBatch, causal_up_to: int = 0) -> dict[int, torch.Tensor | None]:
         """Each window's mask; with `causal_up_to` (whole prompts of that length) None wherever SDPA's causal
@@ -123,7 +128,7 @@ class SDPAAttention(PagedAttentionBase):
         scale: float | None = None,
     ) -> torch.Tensor:
         batch, parts = meta
-        self.write_kv(cache, k, v, batch.slot_mapping)
+        self.write_kv(cache, k, v, batch.paging(window)[0])
         if parts[0].tokens is None:
             return self._attend(cache, q, parts[0], window, scale)
         out = torch.empty_like(q)
@@ -133,8 +138,9 @@ class SDPAAttention(PagedAttentionBase):
 
     def _attend(self, cache: LayerCache, q: torch.Tensor, part: Part, window: int, scale: float | None) -> torch.Tensor:
         batch, mask = part.batch, part.masks[window]
-        keys = self._gather(cache.k, batch.page_table)
-        values = self._gather(cache.v, batch.page_table)
+        table = batch.paging(window)[1]
+        keys = self._gather(cache.k, table)
+        values = self._gather(cache.v, table)
         if mask is None or part.masks[0] is None:  # whole prompts: each row's context is its queries
             keys, values = keys[:, :, : batch.max_query_len], values[:, :, : batch.max_query_len]
             mask = None if mask is None else mask[..., : batch.max_query_len]

@@ -216,8 +216,9 @@ class TritonAttention(PagedAttentionBase):
         scale: float | None = None,
     ) -> torch.Tensor:
         batch = meta.batch
+        slots, table = batch.paging(window)
         return triton_paged_attention(
-            q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, meta.blocks, meta.block_q,
+            q, k, v, cache.k, cache.v, slots, table, batch.seq_lens, meta.blocks, meta.block_q,
             window, q.shape[-1] ** -0.5 if scale is None else scale,
         )  # fmt: skip
 
@@ -231,7 +232,8 @@ class TritonAttention(PagedAttentionBase):
         window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
+        slots, table = batch.paging(window)
         return triton_paged_attention(
-            q, k, v, cache.k, cache.v, batch.slot_mapping, batch.page_table, batch.seq_lens, None, 1,
+            q, k, v, cache.k, cache.v, slots, table, batch.seq_lens, None, 1,
             window, q.shape[-1] ** -0.5 if scale is None else scale,
         )  # fmt: skip

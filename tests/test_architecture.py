@@ -50,6 +50,7 @@ def test_model_yaml_files_hold_only_what_the_engine_reads():
     [
         ({"page_size": 0}, "kv_cache.page_size"),
         ({"num_pages": 1}, "kv_cache.num_pages"),
+        ({"kv_cache.window_pages": "no"}, "kv_cache.window_pages"),
         ({"compile.warmup": "eager"}, "compile.warmup"),
         ({"compile.batch_buckets": []}, "compile.batch_buckets"),
         ({"parallel.tp": 0}, "parallel.tp"),

@@ -177,6 +177,8 @@ CONFIGS = {
     "compiled": dict(max_num_batched_tokens=32),
     "compiled-regional": {"max_num_batched_tokens": 32, "compile.regional": True},
 }
+# Gemma 3's sliding layers keep only their window (engine/kv_cache.py): the same memory holds more sequences.
+SMALLER_POOL = {"gemma3": dict(num_pages=24)}
 # Compiled runs take a minute each: the families whose compiled code differs (windows, experts).
 COMPILED_FAMILIES = {"mistral", "gemma3", "qwen3_moe"}
 MATRIX = [
@@ -211,14 +213,17 @@ MAX_NEW = 10
 @pytest.mark.parametrize(("family", "config"), MATRIX, indirect=["family"])
 def test_family_matches_transformers(family, config, device):
     path, ids, expected, _ = family
-    llm = LLM(str(path), dtype=torch.float32, progress_bar=False, device=device, **CONFIGS[config])
+    smaller = [pool for name, pool in SMALLER_POOL.items() if path.name.startswith(name)]  # tmp dirs: "gemma30"
+    options = CONFIGS[config] | (smaller[0] if smaller and config == "preempting" else {})
+    llm = LLM(str(path), dtype=torch.float32, progress_bar=False, device=device, **options)
     eos = llm.engine.eos_token_ids
     for attempt in range(2):  # the second pass finds every prompt in the prefix cache (unless it is off)
         outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)
         got = [o.outputs[0].token_ids for o in outs]
         assert got == [trim_at_eos(e, eos) for e in expected], f"{config}, pass {attempt}"
     stats = llm.engine.stats()
-    assert stats["kv_pages_free"] + stats["kv_pages_evictable"] == stats["kv_pages_total"], "KV pages leaked"
+    # Fractions of a page where the windowed layers page apart (engine/kv_cache.py).
+    assert stats["kv_pages_free"] + stats["kv_pages_evictable"] == pytest.approx(stats["kv_pages_total"]), "KV leaked"
     if config == "preempting":
         assert stats["preemptions"] > 0, "the pool was meant to be too small for the batch"
     if config in ("eager", "compiled"):

@@ -185,6 +185,7 @@ def test_aborts_and_preemption_return_every_page(tiny_vocab, prompts):
         spec="ngram",
         page_size=4,
         num_pages=40,
+        **ALWAYS,  # the governor would stop drafting where drafts cost time, and this test needs drafts
     )
     engine = llm.engine
     for i, p in enumerate(prompts):
