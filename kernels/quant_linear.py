@@ -30,6 +30,7 @@ torchao's CPU int4 kernels are not in its PyPI wheel.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +74,10 @@ def each_row(one_row: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: (values [N, K] int8, scales [N] fp32) with w ~ values * scale."""
+    """Symmetric int8 per row: (values [..., N, K] int8, scales [..., N] fp32) with w ~ values * scale."""
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,6 +96,33 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     j + 16 (high nibble), as in a GGUF block."""
     g = q.reshape(q.shape[0], -1, 2, GROUP // 2)
     return g[:, :, 0] | (g[:, :, 1] << 4)
+
+
+class Int8Experts(nn.Module):
+    """One projection of every expert of a MoE layer, stacked [experts, out, in], int8 with one scale per
+    output row: the same interface as the float `ExpertWeights` (engine/models/transformer.py)."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("qweight", torch.empty(experts, out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(experts, out_features))
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int]:
+        return tuple(self.qweight.shape)
+
+    def load_rows(self, rows: Any, w: torch.Tensor) -> None:
+        self.qweight[rows], self.scale[rows] = quantize_int8_rows(w)
+
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, k or 1, in] against each token's experts [T, k] -> [T, k, out]. The int8 values are widened
+        inside the reduction (inductor fuses the gather and the conversion into it): a token reads 1 byte per
+        weight of its k experts, and the row scale multiplies the sum once."""
+        return (x[:, :, None, :] * self.qweight[experts]).sum(-1) * self.scale[experts]
+
+    def expert(self, e: int) -> torch.Tensor:
+        """Expert `e`'s [out, in] weight in the model dtype (the eager path's per-expert GEMM)."""
+        return self.qweight[e].to(self.scale.dtype) * self.scale[e, :, None]
 
 
 class Int8Linear(nn.Module):

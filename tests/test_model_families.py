@@ -275,9 +275,17 @@ def test_hub_id_resolves_from_local_cache_without_network(tiny_qwen3, tmp_path, 
         resolve_model("acme/not-cached")
 
 
-def write_qwen3_moe_gguf(model, path):
+def write_qwen3_moe_gguf(model, path, experts_type=None):
     """The HF model as an F32 `qwen3moe` GGUF, laid out as llama.cpp's converter writes one (stacked expert
-    tensors, the router as ffn_gate_inp), with SmolLM2's tokenizer."""
+    tensors, the router as ffn_gate_inp), with SmolLM2's tokenizer; `experts_type` quantizes the experts."""
+    import gguf
+
+    def add_experts(name, values):
+        if experts_type is None:
+            w.add_tensor(name, values)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(values, experts_type), raw_dtype=experts_type)
+
     cfg, state = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
     w = _gguf_with_smollm2_tokenizer(path, "qwen3moe")
     w.add_context_length(cfg.max_position_embeddings)
@@ -304,9 +312,9 @@ def write_qwen3_moe_gguf(model, path):
         for hf, ours in names.items():
             w.add_tensor(f"blk.{i}.{ours}.weight", state[f"model.layers.{i}.{hf}.weight"])
         gate_up = state[f"model.layers.{i}.mlp.experts.gate_up_proj"]
-        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :width].copy())
-        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", gate_up[:, width:].copy())
-        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", state[f"model.layers.{i}.mlp.experts.down_proj"])
+        add_experts(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :width].copy())
+        add_experts(f"blk.{i}.ffn_up_exps.weight", gate_up[:, width:].copy())
+        add_experts(f"blk.{i}.ffn_down_exps.weight", state[f"model.layers.{i}.mlp.experts.down_proj"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -314,12 +322,9 @@ def write_qwen3_moe_gguf(model, path):
     return path
 
 
-def test_qwen3_moe_gguf_matches_transformers(tmp_path, monkeypatch):
-    """A `qwen3moe` GGUF (every layer routed, top-k renormalised, as llama.cpp runs it) generates what
-    transformers generates from the same weights."""
+def _tiny_moe_hf():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     cfg = Qwen3MoeConfig(
         vocab_size=49152,  # SmolLM2's tokenizer
         hidden_size=64,
@@ -337,10 +342,43 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path, monkeypatch):
         tie_word_embeddings=False,
     )
     torch.manual_seed(7)
-    hf = Qwen3MoeForCausalLM(cfg).eval()
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+def test_qwen3_moe_gguf_matches_transformers(tmp_path, monkeypatch):
+    """A `qwen3moe` GGUF (every layer routed, top-k renormalised, as llama.cpp runs it) generates what
+    transformers generates from the same weights."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    hf = _tiny_moe_hf()
     path = write_qwen3_moe_gguf(hf, tmp_path / "tiny-moe.gguf")
     llm = LLM(str(path), quant="none", dtype=torch.float32, enforce_eager=True, progress_bar=False)
     assert llm.engine.model.config.moe_layers == [0, 1]
+    ids = [llm.encode(p * 3) for p in PROMPTS[:5]]
+    expected = hf_greedy(hf, ids, MAX_NEW)
+    outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)
+    assert [o.outputs[0].token_ids for o in outs] == [trim_at_eos(e, llm.engine.eos_token_ids) for e in expected]
+
+
+@pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_quantized_experts_stay_int8(tmp_path, monkeypatch, eager):
+    """quant=auto on a GGUF with Q8_0 experts keeps them int8 (one scale per row, a quarter of the float
+    bytes) and generates what transformers generates from the values the engine holds."""
+    import gguf
+
+    from engine.kernels.quant_linear import Int8Experts
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    hf = _tiny_moe_hf()
+    path = write_qwen3_moe_gguf(hf, tmp_path / "tiny-moe-q8.gguf", experts_type=gguf.GGMLQuantizationType.Q8_0)
+    llm = LLM(str(path), dtype=torch.float32, enforce_eager=eager, progress_bar=False)  # quant=auto
+    for i, layer in enumerate(llm.engine.model.layers):
+        for ours, theirs in (("experts_gate_up", "gate_up_proj"), ("experts_down", "down_proj")):
+            experts = getattr(layer.mlp, ours)
+            assert isinstance(experts, Int8Experts) and experts.qweight.dtype == torch.int8
+            held = experts.qweight.float() * experts.scale[..., None]
+            original = getattr(hf.model.layers[i].mlp.experts, theirs).data
+            assert (held - original).abs().max() < 0.02 * original.abs().max()  # Q8_0, then 8 bits per row
+            getattr(hf.model.layers[i].mlp.experts, theirs).data = held
     ids = [llm.encode(p * 3) for p in PROMPTS[:5]]
     expected = hf_greedy(hf, ids, MAX_NEW)
     outs = llm.generate_outputs(ids, max_tokens=MAX_NEW, temperature=0)

@@ -20,9 +20,10 @@ from conftest import PROMPTS, hf_greedy, trim_at_eos
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, compose_config, group_choices
 from engine.kernels import quant_linear
-from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups
+from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Experts, Int8Linear, quantize_int4_groups
 from engine.models.loader import QUANTIZED_LAYOUT
 from engine.models.source import embedded_model_path, gguf_cache_dir
+from engine.parallel import TPGroup
 from engine.quant.auto import Auto
 from engine.quant.base import NoQuant, QuantScheme
 from engine.quant.int4 import int4_groups
@@ -114,6 +115,36 @@ def test_int8_layer_and_embedding(rows, digits, int8_gemm, monkeypatch):
     assert rel < 0.02, rel  # weights and activations both at 8 bits
     ids = torch.tensor([0, 299, 5])
     assert torch.allclose(table(ids), w[ids], atol=w.abs().max().item() / 127)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int8_experts_compute_the_float_moe_on_their_own_values(compiled):
+    """An MoE layer with Int8Experts computes what the float layer computes from the dequantized experts: the
+    eager path (a GEMM per expert) and the compiled one (products over each token's gathered experts)."""
+    from engine.models.transformer import ModelConfig, MoE
+
+    cfg = ModelConfig(
+        architecture="qwen3_moe", vocab_size=8, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, moe_layers=[0], rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=64,
+        tie_word_embeddings=False, hidden_act="silu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference, quantized = MoE(cfg, TPGroup()), MoE(cfg, TPGroup())
+    for p in reference.parameters():
+        p.data.normal_(0, 0.2)
+    quantized.gate.load_state_dict(reference.gate.state_dict())
+    for name in ("experts_gate_up", "experts_down"):
+        experts = Int8Experts(*getattr(reference, name).weight_shape)
+        experts.load_rows(slice(None), getattr(reference, name).weight.data)
+        setattr(quantized, name, experts)
+        dequantized = experts.qweight.float() * experts.scale[..., None]
+        assert (dequantized - getattr(reference, name).weight).abs().max() <= experts.scale.max() / 2 + 1e-7
+        getattr(reference, name).weight.data.copy_(dequantized)
+    x = torch.randn(9, 64)
+    run = torch.compile(quantized, fullgraph=True) if compiled else quantized
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
 def test_plan_keeps_each_tensors_precision_class():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from engine.models.source import ModelSource, gguf_cache_dir
-from engine.models.transformer import FULL, SLIDING, CausalLM, ModelConfig
+from engine.models.transformer import FULL, SLIDING, CausalLM, ExpertWeights, ModelConfig
 from engine.parallel import TPGroup, shard_heads, vocab_shard
 from engine.progress import progress
 from engine.quant.base import NoQuant, QuantScheme, format_of, quantize_modules, weight_bytes
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CONVERTED_WEIGHTS = "model.safetensors"
 QUANTIZED_PLAN = "plan.json"
-QUANTIZED_LAYOUT = 2  # bump when kernels/quant_linear.py changes what its buffers hold
+QUANTIZED_LAYOUT = 3  # bump when kernels/quant_linear.py changes what its buffers hold
 
 
 def converted_gguf(gguf_file: Path, cfg: ModelConfig) -> Path | None:
@@ -395,16 +395,16 @@ def _expert_placement(name: str, cfg: ModelConfig) -> tuple[str, Any, tuple[slic
     prefix, rest = name.split(".mlp.experts.", 1)
     width, everything = cfg.moe_intermediate_size, slice(None)
     if rest in ("gate_up_proj", "down_proj"):
-        return f"{prefix}.mlp.experts_{rest.removesuffix('_proj')}", None, (everything,)
+        return f"{prefix}.mlp.experts_{rest.removesuffix('_proj')}.weight", None, (everything,)
     stacked = {"gate_exps.weight": slice(0, width), "up_exps.weight": slice(width, 2 * width)}
     if rest in stacked:
-        return f"{prefix}.mlp.experts_gate_up", (everything, stacked[rest]), (everything,)
+        return f"{prefix}.mlp.experts_gate_up.weight", (everything, stacked[rest]), (everything,)
     if rest == "down_exps.weight":
-        return f"{prefix}.mlp.experts_down", None, (everything,)
+        return f"{prefix}.mlp.experts_down.weight", None, (everything,)
     expert, proj, _ = rest.split(".")
     rows = {"gate_proj": slice(0, width), "up_proj": slice(width, 2 * width), "down_proj": everything}[proj]
     target = "experts_down" if proj == "down_proj" else "experts_gate_up"
-    return f"{prefix}.mlp.{target}", (int(expert), rows), (everything,)
+    return f"{prefix}.mlp.{target}.weight", (int(expert), rows), (everything,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,12 +518,10 @@ def _checked(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> torc
     return tensor
 
 
-def _load_quantized(
-    module: nn.Module, name: str, rows: slice | None, part: tuple[slice, ...], read: PartReader
-) -> None:
+def _load_quantized(module: nn.Module, name: str, rows: Any, part: tuple[slice, ...], read: PartReader) -> None:
+    """`rows`: a row range, or (expert, row range) of stacked experts; None for everything."""
     rows = slice(None) if rows is None else rows
-    out, width = module.weight_shape
-    expected = (len(range(*rows.indices(out))), width)
+    expected = tuple(torch.empty(module.weight_shape, device="meta")[rows].shape)
     format_of(module).load(module, rows, read, part, lambda t: _checked(name, t, expected))
 
 
@@ -531,7 +529,7 @@ def plan_quantization(model: CausalLM, src: ModelSource, scheme: QuantScheme) ->
     """{module: format} under `scheme` (engine/quant/), from the checkpoint's tensor types."""
     if isinstance(scheme, NoQuant):
         return {}  # without reading a GGUF's header for its types
-    parts = {name: [] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    parts = {name: [] for name, m in model.named_modules() if isinstance(m, (nn.Linear, ExpertWeights))}
     parts["embed_tokens"] = []
     if src.is_gguf:
         for name, read in _iter_gguf(src.path, model.config):

@@ -320,6 +320,25 @@ class MLP(nn.Module):
         return self.tp.all_reduce(self.down_proj(self.act(gate) * up))
 
 
+class ExpertWeights(nn.Module):
+    """One projection of every expert, stacked [experts, out, in] as transformers holds them."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int]:
+        return tuple(self.weight.shape)
+
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, k or 1, in] against each token's experts [T, k] -> [T, k, out]."""
+        return (x[:, :, None, :] * self.weight[experts]).sum(-1)
+
+    def expert(self, e: int) -> torch.Tensor:
+        return self.weight[e]
+
+
 class MoE(nn.Module):
     """Qwen3-MoE's sparse block: a router's softmax picks each token's top-k experts, whose SwiGLU outputs are
     summed with the router's weights (renormalised over the k where `norm_topk_prob`). The experts' weights
@@ -333,8 +352,8 @@ class MoE(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.act = activation(cfg.hidden_act)
         self.gate = nn.Linear(hidden, experts, bias=False)
-        self.experts_gate_up = nn.Parameter(torch.empty(experts, 2 * width, hidden))
-        self.experts_down = nn.Parameter(torch.empty(experts, hidden, width))
+        self.experts_gate_up = ExpertWeights(experts, 2 * width, hidden)  # int8 under quant (Int8Experts)
+        self.experts_down = ExpertWeights(experts, hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
@@ -350,10 +369,9 @@ class MoE(nn.Module):
         """Each token against its own k experts' rows, written as products and sums over gathered weights: one
         graph for every routing (no per-expert shapes), and inductor folds the gather into the loops that read
         the weights, so only the k experts a token uses are read and nothing [T, k, out, in] is materialised."""
-        gate_up = (x[:, None, None, :] * self.experts_gate_up[experts]).sum(-1)  # [T, k, 2 * width]
+        gate_up = self.experts_gate_up.gathered(x[:, None, :], experts)  # [T, k, 2 * width]
         gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act(gate) * up
-        out = (h[:, :, None, :] * self.experts_down[experts]).sum(-1)  # [T, k, hidden]
+        out = self.experts_down.gathered(self.act(gate) * up, experts)  # [T, k, hidden]
         return (out * weights.unsqueeze(-1)).sum(1)
 
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -361,7 +379,7 @@ class MoE(nn.Module):
         token's expert weights), experts taken in the order the router's choices sort them."""
         flat = experts.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.experts_gate_up.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.experts_gate_up.weight_shape[0]).tolist()
         tokens = order // self.top_k
         out = torch.zeros_like(x)
         start = 0
@@ -369,8 +387,8 @@ class MoE(nn.Module):
             if n == 0:
                 continue
             rows = tokens[start : start + n]
-            gate, up = F.linear(x[rows], self.experts_gate_up[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.experts_down[expert])
+            gate, up = F.linear(x[rows], self.experts_gate_up.expert(expert)).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.experts_down.expert(expert))
             out.index_add_(0, rows, y * weights.flatten()[order[start : start + n]].unsqueeze(-1))
             start += n
         return out

@@ -1,6 +1,6 @@
-"""int8 weights, one scale per output row (kernels/quant_linear.py `Int8Linear`, `Int8Embedding`): the fastest
-CPU format here for batched steps (`torch._int_mm` on int8 activation digits), and what `auto` makes of 5- to
-8-bit GGUF blocks (dequantized, then re-quantized per row)."""
+"""int8 weights, one scale per output row (kernels/quant_linear.py `Int8Linear`, `Int8Embedding`, `Int8Experts`):
+the fastest CPU format here for batched steps (`torch._int_mm` on int8 activation digits), what `auto` makes of
+5- to 8-bit GGUF blocks (dequantized, then re-quantized per row), and the format of quantized MoE experts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from engine.kernels.quant_linear import Int8Embedding, Int8Linear
+from engine.kernels.quant_linear import Int8Embedding, Int8Experts, Int8Linear
+from engine.models.transformer import ExpertWeights
 from engine.quant.base import QuantFormat
 
 # Layers whose several-row steps quantize activations to one int8 digit instead of two: their inputs carry no
@@ -21,9 +22,11 @@ class Int8Format(QuantFormat):
     name = "int8"
     rank = 1
     exact_types: ClassVar[tuple[str, ...]] = ()  # holds no GGUF type bit for bit: one scale per row
-    module_types = (Int8Linear, Int8Embedding)
+    module_types = (Int8Linear, Int8Embedding, Int8Experts)
 
     def build(self, float_module: nn.Module, module: str) -> nn.Module:
+        if isinstance(float_module, ExpertWeights):
+            return Int8Experts(*float_module.weight_shape)
         if isinstance(float_module, nn.Embedding):
             return Int8Embedding(float_module.num_embeddings, float_module.embedding_dim)
         bias = float_module.bias is not None
