@@ -50,11 +50,14 @@ def qwen_tokenizer_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
-def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0) -> Path:
+def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0, vocab: int | None = None) -> Path:
+    """A tiny random Qwen3 with the real tokenizer; `vocab` cuts the vocabulary to its first ids (EOS and BOS
+    the last two), where a sampled distribution must be measurable."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+    eos, bos = (151645, 151643) if vocab is None else (vocab - 1, vocab - 2)
     cfg = Qwen3Config(
-        vocab_size=151936,
+        vocab_size=vocab or 151936,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -65,14 +68,14 @@ def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0) -> Path:
         rope_theta=10000.0,
         tie_word_embeddings=tie,
         initializer_range=0.5,
-        eos_token_id=151645,
-        bos_token_id=151643,
+        eos_token_id=eos,
+        bos_token_id=bos,
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).eval()
     # Big random weights make next-token distributions peaked, so greedy choices are not near-ties.
     model.save_pretrained(path, safe_serialization=True)
-    GenerationConfig(eos_token_id=[151645, 151643], bos_token_id=151643).save_pretrained(path)
+    GenerationConfig(eos_token_id=[eos] if vocab else [eos, bos], bos_token_id=bos).save_pretrained(path)
     for f in qwen_tokenizer_dir().iterdir():
         shutil.copy(f, path / f.name)
     return path

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 
 import pytest
 import torch
-from conftest import hf_greedy, qwen_tokenizer_dir, trim_at_eos
+from conftest import hf_greedy, make_tiny_qwen3, trim_at_eos
 
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, compose_config
@@ -45,33 +44,9 @@ CONFIGS = {
 SLOW = {"flex", "compiled"}
 
 
-def make_tiny_vocab_qwen3(path, vocab: int = VOCAB, seed: int = 0):
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        initializer_range=0.5,
-        eos_token_id=vocab - 1,
-        bos_token_id=vocab - 2,
-    )
-    torch.manual_seed(seed)
-    Qwen3ForCausalLM(cfg).eval().save_pretrained(path)
-    GenerationConfig(eos_token_id=[vocab - 1], bos_token_id=vocab - 2).save_pretrained(path)
-    for f in qwen_tokenizer_dir().iterdir():  # ids below `vocab` are single ASCII characters in it
-        shutil.copy(f, path / f.name)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_vocab(tmp_path_factory):
-    return make_tiny_vocab_qwen3(tmp_path_factory.mktemp("tiny-vocab-qwen3"))
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny-vocab-qwen3"), vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +202,7 @@ def test_sampling_keeps_the_target_distribution(tmp_path, top_p):
     """With prompt lookup proposing at every step, the sampled tokens are distributed as the target model's:
     total variation of the (second, third) token pair from the exact distribution, over 4000 seeds (the
     second is verified against a draft, the third is the target's own after it)."""
-    model_dir = make_tiny_vocab_qwen3(tmp_path / "m", vocab=6, seed=2)
+    model_dir = make_tiny_qwen3(tmp_path / "m", vocab=6, seed=2)
     llm = LLM(
         str(model_dir),
         dtype=torch.float32,
