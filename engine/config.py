@@ -274,6 +274,17 @@ class EngineConfig:
         )
 
         _check_spec(self.spec.kwargs)
+        if self.spec.name == "DraftProposer":
+            path = (self.spec.kwargs.get("model") or {}).get("path")
+            _require(path is not None, "spec.model.path", path, "spec=draft needs the draft model's path")
+            _require(
+                self.parallel.tp == 1,
+                "spec",
+                "draft",
+                f"the draft model runs in one process: with parallel.tp={self.parallel.tp} use spec=ngram or none",
+            )
+            mb = self.spec.kwargs.get("memory_mb", 64)
+            _require(isinstance(mb, (int, float)) and mb > 0, "spec.memory_mb", mb, "must be a positive number")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -71,6 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
         self.sampler = Sampler(cfg.seed)
         self.proposer: Proposer = cfg.spec.build()
+        self.proposer.attach(cfg, mc.vocab_size)
         self.governor = Governor() if self.proposer.enabled and self.proposer.only_when_faster else None
         if self.proposer.enabled:
             log.info("speculative decoding: %s", self.proposer.describe())
@@ -153,6 +154,7 @@ class LLMEngine:
             seq.status, seq.finish_reason = Status.FINISHED, reason
         elif seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, reason)
+            self.proposer.forget(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.awaiting_grammar)
@@ -308,6 +310,7 @@ class LLMEngine:
         reason = self._finish_reason(seq, token)
         if reason is not None:
             self.scheduler.finish(seq, reason)
+            self.proposer.forget(seq)
             del self.seqs[seq.seq_id]
         return StepOutput(
             seq_id=seq.seq_id,

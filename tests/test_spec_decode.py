@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,51 @@ def test_greedy_ngram_matches_transformers(name, tiny_vocab, prompts, reference,
     assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats  # and some were rejected
     assert sum(o.usage.accepted_prediction_tokens for o in outs) > 0
     assert _pool_is_full(llm), "KV pages leaked"
+    if name == "preempting":
+        assert stats["preemptions"] > 0
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(tiny_vocab, tmp_path_factory):
+    """The target with noise on every weight: a draft that agrees with it often, not always."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_vocab, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1 * p.std())
+    path = tmp_path_factory.mktemp("noisy-draft")
+    model.save_pretrained(path)
+    for f in tiny_vocab.iterdir():
+        if not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy(f, path / f.name)
+    return path
+
+
+DRAFT_CONFIGS = ("eager", "chunked-prefill-7", "no-prefix-cache", "preempting", "compiled")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in DRAFT_CONFIGS])
+def test_greedy_draft_model_matches_transformers(name, tiny_vocab, noisy_draft, prompts, reference, device):
+    """spec=draft: the noisy copy proposes, the target verifies; output is the target's, and the draft's own
+    KV pool is empty once every sequence is done."""
+    llm = LLM(
+        str(tiny_vocab),
+        dtype=torch.float32,
+        progress_bar=False,
+        device=device,
+        spec="draft",
+        **{**ALWAYS, "spec.model.path": str(noisy_draft), **CONFIGS[name]},
+    )
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    for attempt in range(2):
+        outs = llm.generate_outputs(prompts, params)
+        assert [o.outputs[0].token_ids for o in outs] == reference, f"{name}, pass {attempt}"
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] > 20, stats
+    assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats
+    assert _pool_is_full(llm) and llm.engine.proposer.pool_is_free(), "KV pages leaked"
     if name == "preempting":
         assert stats["preemptions"] > 0
 
@@ -197,20 +243,22 @@ def _exact_distribution(model_dir, prompt: list[int], top_p: float) -> dict[tupl
     return {k: v for k, v in exact.items() if v > 0}
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_sampling_keeps_the_target_distribution(tmp_path, top_p):
-    """With prompt lookup proposing at every step, the sampled tokens are distributed as the target model's:
-    total variation of the (second, third) token pair from the exact distribution, over 4000 seeds (the
-    second is verified against a draft, the third is the target's own after it)."""
+@pytest.mark.parametrize(("spec", "top_p"), [("ngram", 1.0), ("ngram", 0.8), ("draft", 1.0)])
+def test_sampling_keeps_the_target_distribution(tmp_path, spec, top_p):
+    """With a proposal at every step (prompt lookup, or the model as its own greedy draft), the sampled tokens
+    are distributed as the target model's: total variation of the (second, third) token pair from the exact
+    distribution, over 4000 seeds (the second is verified against a draft, the third is the target's own after
+    it)."""
     model_dir = make_tiny_qwen3(tmp_path / "m", vocab=6, seed=2)
+    proposer = {"spec.min_ngram": 1} if spec == "ngram" else {"spec.model.path": str(model_dir)}
     llm = LLM(
         str(model_dir),
         dtype=torch.float32,
         progress_bar=False,
         enforce_eager=True,
-        spec="ngram",
+        spec=spec,
         max_running_requests=256,
-        **{"spec.adaptive": False, "spec.min_ngram": 1},
+        **{"spec.adaptive": False, **proposer},
         **ALWAYS,
     )
     # The model's own greedy continuation as the prompt: what it repeats, prompt lookup proposes.
@@ -265,6 +313,15 @@ def test_adaptive_length_backs_off_and_retries():
 def test_bad_spec_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_config(spec="ngram", **{key: value})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [({"spec": "draft"}, "spec.model.path"), ({"spec": "draft", "spec.model.path": "x", "parallel.tp": 2}, "spec")],
+)
+def test_draft_settings_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ValueError, match=rf"invalid {key}="):
+        compose_config(**overrides)
 
 
 def test_server_streams_speculated_tokens_and_reports_them(tiny_vocab, prompts, tmp_path):

@@ -11,7 +11,6 @@ plain decoding.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ class SpecState:
     extra: Any = field(default=None)  # the proposer's own per-sequence state (an n-gram index)
 
 
-class Proposer(ABC):
+class Proposer:
     def __init__(
         self, num_tokens: int = 3, adaptive: bool = True, min_acceptance: float = 0.3, only_when_faster: bool = True
     ) -> None:
@@ -46,6 +45,12 @@ class Proposer(ABC):
 
     def describe(self) -> str:
         return f"num_tokens={self.num_tokens}, adaptive={self.adaptive}, only_when_faster={self.only_when_faster}"
+
+    def attach(self, cfg: Any, target_vocab_size: int) -> None:  # noqa: B027 (optional hook)
+        """Called once by the engine with its config (a proposer with a model of its own loads it here)."""
+
+    def forget(self, seq: Sequence) -> None:  # noqa: B027 (optional hook)
+        """`seq` has finished or was aborted: drop what the proposer holds for it beyond `seq.spec`."""
 
     def state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
@@ -80,9 +85,10 @@ class Proposer(ABC):
         at most `length(seq)`; empty where there is no guess."""
         return [self._propose(s, min(n, self.length(s))) if n > 0 else [] for s, n in zip(seqs, limits)]
 
-    @abstractmethod
     def _propose(self, seq: Sequence, n: int) -> list[int]:
-        """Up to `n` tokens that might follow `seq.token_ids` (n may be 0)."""
+        """Up to `n` tokens that might follow `seq.token_ids` (n may be 0): what a proposer that guesses one
+        sequence at a time implements; one that guesses for the batch at once overrides `propose` instead."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither propose nor _propose")
 
 
 class NoSpeculation(Proposer):
