@@ -26,7 +26,13 @@ import torch.distributed as dist
 
 from engine.config import CompileConfig, EngineConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch, opaque_attention_step
+from engine.kernels.paged import (
+    DecodeStep,
+    PagedAttentionBase,
+    PagedBatch,
+    grouped_attention_step,
+    opaque_attention_step,
+)
 from engine.kv_cache import SCRATCH_PAGE, KVPool
 from engine.models.loader import build_model
 from engine.models.source import ModelSource
@@ -212,7 +218,8 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         if plan.logit_rows is None and plan.compiled:
             meta = DecodeStep(self.backend.prepare_decode(plan.batch))
-            return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
+            with grouped_attention_step(self.backend, plan.batch):
+                return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
         meta = self.backend.prepare(plan.batch)
         if plan.compiled:
             with opaque_attention_step(self.backend, meta):

@@ -97,7 +97,7 @@ class FlexPagedAttention(PagedAttentionBase):
         batch, masks = meta
         block_mask = masks[window]
         self.write_kv(cache, k, v, batch.slot_mapping)
-        kc, vc = cache
+        kc, vc = cache.k, cache.v
         span = block_mask.seq_lengths[1]
         keys = kc.view(1, -1, *kc.shape[2:])[:, :span].transpose(1, 2)
         values = vc.view(1, -1, *vc.shape[2:])[:, :span].transpose(1, 2)

@@ -4,6 +4,7 @@ compiled prefill graph) and the K/V cache write they share."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -44,10 +45,22 @@ class PagedBatch:
 
 
 class LayerCache(NamedTuple):
-    """One layer's K and V pages, [pages, page_size, Hkv, D] each."""
+    """One layer's K and V pages, [pages, page_size, Hkv, D] each; or, where layer groups share a pool
+    (engine/kv_cache.py `LayerGroups`), the shared storage [units, page_size, Hkv, D] with the layer's place in
+    its group, which `address` turns the group's pages into."""
 
     k: torch.Tensor
     v: torch.Tensor
+    group_layers: int = 1
+    index: torch.Tensor | None = None  # 0-d: the layer's index in its group; None: k and v are its own
+
+    def address(self, slot_mapping: torch.Tensor, page_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots and page table in this cache's own indexing (a group's page p is unit p * n + j)."""
+        if self.index is None:
+            return slot_mapping, page_table
+        n, j, page_size = self.group_layers, self.index, self.k.shape[1]
+        units = (slot_mapping // page_size * n + j) * page_size + slot_mapping % page_size
+        return units, page_table * n + j
 
 
 @dataclass
@@ -65,8 +78,8 @@ class PagedAttentionBase(ABC):
     """
 
     supports_dynamic_shapes = True  # may a compiled caller trace it with symbolic sizes?
-    # May windowed layers page apart from full ones (PagedBatch.paging), their caches strided views of a shared
-    # pool? A backend that reads the pool as one flat sequence cannot.
+    # May windowed layers page apart from full ones (PagedBatch.paging, LayerCache.address: the groups share one
+    # storage)? A backend that reads a layer's pages as one flat sequence cannot.
     supports_layer_groups = True
     cuda_graph_safe = True  # may a decode step through it be captured in a CUDA graph (no host reads)?
 
@@ -79,6 +92,12 @@ class PagedAttentionBase(ABC):
         that `prepare` can build each one's masks once per step. A backend that cannot mask to a window
         refuses here, at start-up."""
         self.windows = tuple(windows)
+
+    @property
+    def grouped(self) -> bool:
+        """Do layer groups share one storage (engine/kv_cache.py `LayerGroups`)? Then even a decode graph's
+        attention runs as the opaque op (see `attend`), whose metadata `opaque_attention_step` provides."""
+        return hasattr(self.k_cache, "place")
 
     def padded_query_len(self, longest: int) -> int:
         """Row length L for a step whose longest query has `longest` tokens."""
@@ -98,6 +117,9 @@ class PagedAttentionBase(ABC):
         return self.prepare(batch)
 
     def layer_cache(self, layer: int) -> LayerCache:
+        place = getattr(self.k_cache, "place", None)
+        if place is not None:  # layer groups sharing one storage
+            return LayerCache(self.k_cache.storage, self.v_cache.storage, *place(layer))
         return LayerCache(self.k_cache[layer], self.v_cache[layer])
 
     @abstractmethod
@@ -143,20 +165,18 @@ class PagedAttentionBase(ABC):
         around it (GEMMs, norms, RoPE, MLP) compiles once for every step shape while the varying,
         data-dependent attention (request lengths, prefill/decode groups) stays eager."""
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        if meta is None:
-            return torch.ops.engine.paged_attention(q, k, v, cache.k, cache.v, window, scale)
+        # Layer groups sharing a storage: the compiler cannot write several layers' K/V into one graph input
+        # in place, and copied the whole pool at every decode step (2.4 tok/s instead of 862 for a 6-layer
+        # model); the opaque op writes it eagerly.
+        if meta is None or (isinstance(meta, DecodeStep) and cache.index is not None):
+            return torch.ops.engine.paged_attention(q, k, v, cache.k, cache.v, window, scale, *cache[2:])
         if isinstance(meta, DecodeStep):
             return self.decode(cache, q, k, v, meta.meta, window, scale)
         return self.forward(cache, q, k, v, meta, window, scale)
 
     @staticmethod
     def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        kc, vc = cache
-        if not kc.is_contiguous():  # a layer group's strided view of the shared pool: pages do not flatten
-            page, offset = slot_mapping // kc.shape[1], slot_mapping % kc.shape[1]
-            kc.index_put_((page, offset), k.to(kc.dtype))
-            vc.index_put_((page, offset), v.to(vc.dtype))
-            return
+        kc, vc = cache.k, cache.v
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k.to(kc.dtype))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v.to(vc.dtype))
 
@@ -196,6 +216,12 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
         _step.current = None
 
 
+def grouped_attention_step(backend: PagedAttentionBase, batch: PagedBatch) -> contextlib.AbstractContextManager:
+    """Around a decode graph's call: where layer groups share a storage its attention is the opaque op, which
+    needs this step's metadata (nothing to do otherwise)."""
+    return opaque_attention_step(backend, backend.prepare(batch)) if backend.grouped else contextlib.nullcontext()
+
+
 # mutates_args is empty although the op writes `k_cache`/`v_cache`: in the compiled prefill graph no other
 # op reads a layer's cache (the next read is this layer's op in the next step), so no reordering can observe
 # the write, and the compiler is spared functionalizing a write into the whole pool.
@@ -208,12 +234,15 @@ def paged_attention(
     v_cache: torch.Tensor,
     window: int,
     scale: float,
+    group_layers: int = 1,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     step = getattr(_step, "current", None)
     if step is None:
         raise RuntimeError("engine::paged_attention ran outside `opaque_attention_step`: no step metadata")
     backend, meta = step
-    return backend.forward(LayerCache(k_cache, v_cache), q, k, v, meta, window, scale).contiguous()
+    cache = LayerCache(k_cache, v_cache, group_layers, index)
+    return backend.forward(cache, q, k, v, meta, window, scale).contiguous()
 
 
 @paged_attention.register_fake
@@ -225,5 +254,7 @@ def _(
     v_cache: torch.Tensor,
     window: int,
     scale: float,
+    group_layers: int = 1,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)

@@ -87,7 +87,7 @@ class SDPAAttention(PagedAttentionBase):
         window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
-        slots, table = batch.paging(window)
+        slots, table = cache.address(*batch.paging(window))
         self.write_kv(cache, k, v, slots)
         return paged_decode_attention(q, cache.k, cache.v, table, batch.positions, window, scale)
 
@@ -128,7 +128,7 @@ class SDPAAttention(PagedAttentionBase):
         scale: float | None = None,
     ) -> torch.Tensor:
         batch, parts = meta
-        self.write_kv(cache, k, v, batch.paging(window)[0])
+        self.write_kv(cache, k, v, cache.address(*batch.paging(window))[0])
         if parts[0].tokens is None:
             return self._attend(cache, q, parts[0], window, scale)
         out = torch.empty_like(q)
@@ -138,7 +138,7 @@ class SDPAAttention(PagedAttentionBase):
 
     def _attend(self, cache: LayerCache, q: torch.Tensor, part: Part, window: int, scale: float | None) -> torch.Tensor:
         batch, mask = part.batch, part.masks[window]
-        table = batch.paging(window)[1]
+        table = cache.address(*batch.paging(window))[1]
         keys = self._gather(cache.k, table)
         values = self._gather(cache.v, table)
         if mask is None or part.masks[0] is None:  # whole prompts: each row's context is its queries

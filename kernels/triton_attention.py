@@ -216,7 +216,7 @@ class TritonAttention(PagedAttentionBase):
         scale: float | None = None,
     ) -> torch.Tensor:
         batch = meta.batch
-        slots, table = batch.paging(window)
+        slots, table = cache.address(*batch.paging(window))
         return triton_paged_attention(
             q, k, v, cache.k, cache.v, slots, table, batch.seq_lens, meta.blocks, meta.block_q,
             window, q.shape[-1] ** -0.5 if scale is None else scale,
@@ -232,7 +232,7 @@ class TritonAttention(PagedAttentionBase):
         window: int = 0,
         scale: float | None = None,
     ) -> torch.Tensor:
-        slots, table = batch.paging(window)
+        slots, table = cache.address(*batch.paging(window))
         return triton_paged_attention(
             q, k, v, cache.k, cache.v, slots, table, batch.seq_lens, None, 1,
             window, q.shape[-1] ** -0.5 if scale is None else scale,
