@@ -30,7 +30,6 @@ from engine.kernels.paged import (
     DecodeStep,
     PagedAttentionBase,
     PagedBatch,
-    grouped_attention_step,
     opaque_attention_step,
 )
 from engine.kv_cache import SCRATCH_PAGE, KVPool
@@ -218,8 +217,7 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         if plan.logit_rows is None and plan.compiled:
             meta = DecodeStep(self.backend.prepare_decode(plan.batch))
-            with grouped_attention_step(self.backend, plan.batch):
-                return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
+            return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
         meta = self.backend.prepare(plan.batch)
         if plan.compiled:
             with opaque_attention_step(self.backend, meta):

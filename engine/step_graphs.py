@@ -27,7 +27,6 @@ from engine.kernels.paged import (
     DecodeStep,
     PagedAttentionBase,
     PagedBatch,
-    grouped_attention_step,
     opaque_attention_step,
 )
 from engine.kernels.quant_linear import FEW_ROW_BUCKETS, FEW_ROWS
@@ -198,7 +197,7 @@ class StepGraphs:
             for b in sorted({buckets[0], *(min(buckets[-1], n) for n in (*FEW_ROW_BUCKETS, 2 * FEW_ROWS))}):
                 batch = self._scratch_batch(b, 1)
                 ids, meta = torch.zeros_like(batch.positions), DecodeStep(self.backend.prepare_decode(batch))
-                with torch.inference_mode(), grouped_attention_step(self.backend, batch):
+                with torch.inference_mode():
                     decode(ids, batch.positions, meta)
             if prefill is not None:
                 self.warm_prefill(prefill)

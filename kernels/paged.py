@@ -4,7 +4,6 @@ compiled prefill graph) and the K/V cache write they share."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -93,12 +92,6 @@ class PagedAttentionBase(ABC):
         refuses here, at start-up."""
         self.windows = tuple(windows)
 
-    @property
-    def grouped(self) -> bool:
-        """Do layer groups share one storage (engine/kv_cache.py `LayerGroups`)? Then even a decode graph's
-        attention runs as the opaque op (see `attend`), whose metadata `opaque_attention_step` provides."""
-        return hasattr(self.k_cache, "place")
-
     def padded_query_len(self, longest: int) -> int:
         """Row length L for a step whose longest query has `longest` tokens."""
         return longest
@@ -165,20 +158,24 @@ class PagedAttentionBase(ABC):
         around it (GEMMs, norms, RoPE, MLP) compiles once for every step shape while the varying,
         data-dependent attention (request lengths, prefill/decode groups) stays eager."""
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        # Layer groups sharing a storage: the compiler cannot write several layers' K/V into one graph input
-        # in place, and copied the whole pool at every decode step (2.4 tok/s instead of 862 for a 6-layer
-        # model); the opaque op writes it eagerly.
-        if meta is None or (isinstance(meta, DecodeStep) and cache.index is not None):
+        if meta is None:
             return torch.ops.engine.paged_attention(q, k, v, cache.k, cache.v, window, scale, *cache[2:])
         if isinstance(meta, DecodeStep):
             return self.decode(cache, q, k, v, meta.meta, window, scale)
         return self.forward(cache, q, k, v, meta, window, scale)
 
     @staticmethod
-    def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def write_kv(
+        cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Write this step's K/V at their slots. Into a storage that layer groups share it returns a token (0)
+        that the reads must depend on (add it to the page table): see `write_kv_units`."""
         kc, vc = cache.k, cache.v
+        if cache.index is not None:
+            return torch.ops.engine.write_kv_units(kc, vc, slot_mapping, k, v)
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k.to(kc.dtype))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v.to(vc.dtype))
+        return None
 
     @staticmethod
     def pad_queries(q: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
@@ -203,6 +200,26 @@ class PagedAttentionBase(ABC):
         return pos.index_copy(0, batch.pad_index, batch.positions).view(batch.batch_size, -1)
 
 
+# The K/V write into a storage that layer groups share, opaque to the compiler. Traced as index_copy_, every
+# layer's write into the one graph input made inductor copy the whole pool per decode step (a 6-layer model at 19
+# tok/s instead of 862). Declared free of mutations, the write is ordered before the reads by data instead: it
+# returns a 0 the reads add to their page table.
+@torch.library.custom_op("engine::write_kv_units", mutates_args=())
+def write_kv_units(
+    k_store: torch.Tensor, v_store: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    k_store.view(-1, *k_store.shape[2:]).index_copy_(0, slots, k.to(k_store.dtype))
+    v_store.view(-1, *v_store.shape[2:]).index_copy_(0, slots, v.to(v_store.dtype))
+    return slots.new_zeros(())
+
+
+@write_kv_units.register_fake
+def _(
+    k_store: torch.Tensor, v_store: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    return slots.new_empty(())
+
+
 _step = threading.local()  # per thread: a warm-up thread may run a graph while the main thread steps
 
 
@@ -214,12 +231,6 @@ def opaque_attention_step(backend: PagedAttentionBase, meta: Any) -> Iterator[No
         yield
     finally:
         _step.current = None
-
-
-def grouped_attention_step(backend: PagedAttentionBase, batch: PagedBatch) -> contextlib.AbstractContextManager:
-    """Around a decode graph's call: where layer groups share a storage its attention is the opaque op, which
-    needs this step's metadata (nothing to do otherwise)."""
-    return opaque_attention_step(backend, backend.prepare(batch)) if backend.grouped else contextlib.nullcontext()
 
 
 # mutates_args is empty although the op writes `k_cache`/`v_cache`: in the compiled prefill graph no other

@@ -88,7 +88,9 @@ class SDPAAttention(PagedAttentionBase):
         scale: float | None = None,
     ) -> torch.Tensor:
         slots, table = cache.address(*batch.paging(window))
-        self.write_kv(cache, k, v, slots)
+        written = self.write_kv(cache, k, v, slots)
+        if written is not None:  # the reads come after the write (see write_kv)
+            table = table + written
         return paged_decode_attention(q, cache.k, cache.v, table, batch.positions, window, scale)
 
     def _masks(self, batch: PagedBatch, causal_up_to: int = 0) -> dict[int, torch.Tensor | None]:
