@@ -141,9 +141,9 @@ class LayerGroups:
 
     Attention addresses the storage itself, turning a group's page table and slots into units (`LayerCache.
     address`), with j a tensor: every layer then runs the same code on the same tensor (one compiled layer
-    region for all), and the cache write stays an index_copy_ into a flat view of a graph input, which the
-    compiler does in place. Written through a strided per-layer view, each write became a copy of the whole pool
-    (a 6-layer model decoded at 2.4 tok/s instead of 862)."""
+    region for all). The cache write is the opaque `engine::write_kv_units` (kernels/paged.py): traced, every
+    layer's write into the one storage became a copy of the whole pool (a 6-layer model decoded at 2.4 tok/s
+    instead of 862)."""
 
     def __init__(self, storage: torch.Tensor, groups: list[list[int]]) -> None:
         self.storage = storage

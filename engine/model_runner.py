@@ -311,7 +311,7 @@ def build_runner(
 def windowed_layers(cfg: EngineConfig, mc: ModelConfig) -> tuple[int, ...]:
     """The layers that page as the windowed group (engine/kv_cache.py): the sliding ones of a model that also
     has full ones (windowed everywhere, a model's pool would need a second group of pages to free nothing
-    sooner), where the backend reads strided caches and no CUDA graph replays fixed page tables. Empty: every
+    sooner), where the backend addresses a shared storage and no CUDA graph replays fixed page tables. Empty: every
     layer keeps every page."""
     layers = tuple(i for i in range(mc.num_layers) if mc.window(i))
     possible = cfg.attention.resolve().supports_layer_groups and not (cfg.device == "cuda" and cfg.compile.cuda_graphs)
