@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The queues of stopped engines, held until the interpreter exits, so that multiprocessing's exit handler
+# unlinks their semaphores on the main thread. Released earlier, the last reference to a queue's semaphore is
+# its feeder thread's: the unlink then ran on that daemon thread, which the exiting interpreter could freeze
+# between the unlink and telling the resource tracker ("1 leaked semaphore objects" on a failed start, seen
+# once in CI; tests/test_lifecycle.py widens that window to reproduce it every time).
+_STOPPED_QUEUES: list[mp.Queue] = []
+
 
 @dataclass
 class AddSequence:
@@ -251,6 +258,7 @@ class EngineClient:
         """Ask the engine to stop; kill it if it has not within `timeout` (it only reads its inbox between
         steps, and a compilation can take minutes). Its tensor-parallel ranks follow it out on their own."""
         self.stopping = True
+        _STOPPED_QUEUES.extend((self.inbox, self.outbox))
         # What is still queued for the engine is dropped at exit instead of joined: a large request queued for
         # an engine that no longer reads kept the HTTP process alive, blocked writing into the full pipe.
         self.inbox.cancel_join_thread()

@@ -118,15 +118,40 @@ runpy.run_path("server.py", run_name="__main__")
 """
 
 
+# Widens the window in which a semaphore unlinked off the main thread has not yet been reported to
+# multiprocessing's resource tracker: a server whose queues' semaphores are freed by their feeder threads then
+# prints "leaked semaphore" at every failed start (seen once in CI without it).
+SLOW_UNLINK = """
+import atexit, gc, sys, threading, time
+import multiprocessing.synchronize as synchronize
+
+unlink = synchronize.sem_unlink
+
+def slow_unlink(name):
+    unlink(name)
+    if threading.current_thread() is not threading.main_thread():
+        print(f"unlinked {name} on {threading.current_thread().name}", file=sys.stderr)
+        time.sleep(0.5)
+
+synchronize.sem_unlink = slow_unlink
+
+def free_then_wait():  # before multiprocessing's exit handler (atexit runs last-registered first)
+    gc.collect()  # what only a cycle still holds is freed now, not after that handler
+    time.sleep(0.3)  # and the feeder threads of queues freed so get to finish first
+
+atexit.register(free_then_wait)
+"""
+
+
 def server_args(model: Path, tmp: Path) -> list[str]:
     return [sys.executable, "server.py", f"model.path={model}", "dtype=float32", "compile.enabled=false",
             f"server.port={free_port()}", f"hydra.run.dir={tmp}"]  # fmt: skip
 
 
-def run_failing_start(args: list[str]) -> tuple[int, str, list[int], float]:
+def run_failing_start(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, list[int], float]:
     """Run a server start that fails: exit code, output, every process it started, seconds it took."""
     start = time.time()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     family: set[int] = set()
     while proc.poll() is None and time.time() - start < 60:
         family.update(descendants(proc.pid))
@@ -156,5 +181,9 @@ def test_a_weights_failure_ends_the_server_with_the_engines_error(tiny_qwen3, tm
     broken = tmp_path / "broken"
     shutil.copytree(tiny_qwen3, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    code, out, family, _ = run_failing_start(server_args(broken, tmp_path))
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(SLOW_UNLINK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")]))}
+    code, out, family, _ = run_failing_start(server_args(broken, tmp_path), env)
     assert_failed_start(code, out, family, "the engine failed to start")
