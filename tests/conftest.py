@@ -50,6 +50,16 @@ def qwen_tokenizer_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
+def save_checkpoint(model: torch.nn.Module, path: Path, files_from: Path | None = None) -> Path:
+    """`model` (a transformers model) saved as safetensors, beside the tokenizer and generation files of
+    `files_from` (the real Qwen3 tokenizer by default)."""
+    model.save_pretrained(path, safe_serialization=True)
+    for f in (files_from or qwen_tokenizer_dir()).iterdir():
+        if not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy(f, path / f.name)
+    return path
+
+
 def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0, vocab: int | None = None) -> Path:
     """A tiny random Qwen3 with the real tokenizer; `vocab` cuts the vocabulary to its first ids (EOS and BOS
     the last two), where a sampled distribution must be measurable."""
@@ -74,11 +84,8 @@ def make_tiny_qwen3(path: Path, tie: bool = False, seed: int = 0, vocab: int | N
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).eval()
     # Big random weights make next-token distributions peaked, so greedy choices are not near-ties.
-    model.save_pretrained(path, safe_serialization=True)
     GenerationConfig(eos_token_id=[eos] if vocab else [eos, bos], bos_token_id=bos).save_pretrained(path)
-    for f in qwen_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    return path
+    return save_checkpoint(model, path)
 
 
 @pytest.fixture(scope="session")

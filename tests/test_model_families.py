@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy, qwen_tokenizer_dir, trim_at_eos
+from conftest import PROMPTS, hf_greedy, save_checkpoint, trim_at_eos
 
 from engine import LLM
 from engine.models.source import resolve_model
@@ -20,13 +20,6 @@ from engine.models.source import resolve_model
 # What every tiny random family shares (the real Qwen3 tokenizer's vocabulary; big weights keep greedy choices
 # away from near-ties).
 TINY = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_attention_heads=4, initializer_range=0.5)
-
-
-def _save(model, path):
-    model.save_pretrained(path, safe_serialization=True)
-    for f in qwen_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    return path
 
 
 def tiny_llama3(path):
@@ -52,7 +45,7 @@ def tiny_llama3(path):
         },
     )
     torch.manual_seed(1)
-    return _save(LlamaForCausalLM(cfg).eval(), path)
+    return save_checkpoint(LlamaForCausalLM(cfg).eval(), path)
 
 
 def tiny_qwen2(path):
@@ -71,7 +64,7 @@ def tiny_qwen2(path):
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
-    return _save(model, path)
+    return save_checkpoint(model, path)
 
 
 def tiny_mistral(path, sliding_window=8):
@@ -85,7 +78,7 @@ def tiny_mistral(path, sliding_window=8):
         max_position_embeddings=1024,
     )
     torch.manual_seed(4)
-    return _save(MistralForCausalLM(cfg).eval(), path)
+    return save_checkpoint(MistralForCausalLM(cfg).eval(), path)
 
 
 def tiny_phi3(path):
@@ -107,7 +100,7 @@ def tiny_phi3(path):
         },
     )
     torch.manual_seed(5)
-    return _save(Phi3ForCausalLM(cfg).eval(), path)
+    return save_checkpoint(Phi3ForCausalLM(cfg).eval(), path)
 
 
 def tiny_gemma3(path, sliding_window=8):
@@ -137,7 +130,7 @@ def tiny_gemma3(path, sliding_window=8):
         # Scaled by sqrt(hidden), embeddings as large as the rest would drown what attention adds (the window
         # would not change a greedy token); the untied head keeps the logits peaked.
         model.model.embed_tokens.weight.mul_(0.1)
-    return _save(model, path)
+    return save_checkpoint(model, path)
 
 
 def tiny_qwen3_moe(path):
@@ -156,7 +149,7 @@ def tiny_qwen3_moe(path):
         max_position_embeddings=1024,
     )
     torch.manual_seed(6)
-    return _save(Qwen3MoeForCausalLM(cfg).eval(), path)
+    return save_checkpoint(Qwen3MoeForCausalLM(cfg).eval(), path)
 
 
 FAMILIES = {

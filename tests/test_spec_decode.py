@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 
 import pytest
 import torch
-from conftest import hf_greedy, make_tiny_qwen3, trim_at_eos
+from conftest import hf_greedy, make_tiny_qwen3, save_checkpoint, trim_at_eos
 
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, compose_config
@@ -70,31 +69,6 @@ def _pool_is_full(llm: LLM) -> bool:
     return s["running"] == s["waiting"] == 0 and s["kv_pages_free"] + s["kv_pages_evictable"] == s["kv_pages_total"]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CONFIGS])
-def test_greedy_ngram_matches_transformers(name, tiny_vocab, prompts, reference, device):
-    llm = LLM(
-        str(tiny_vocab),
-        dtype=torch.float32,
-        progress_bar=False,
-        device=device,
-        spec="ngram",
-        **{**ALWAYS, **CONFIGS[name]},
-    )
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-    for attempt in range(2):  # the second pass finds every prompt in the prefix cache
-        outs = llm.generate_outputs(prompts, params)
-        assert [o.outputs[0].token_ids for o in outs] == reference, f"{name}, pass {attempt}"
-    stats = llm.engine.stats()
-    if name == "governed":
-        return
-    assert stats["spec_accepted_tokens"] > 20, stats  # the drafts were used, not just proposed
-    assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats  # and some were rejected
-    assert sum(o.usage.accepted_prediction_tokens for o in outs) > 0
-    assert _pool_is_full(llm), "KV pages leaked"
-    if name == "preempting":
-        assert stats["preemptions"] > 0
-
-
 @pytest.fixture(scope="module")
 def noisy_draft(tiny_vocab, tmp_path_factory):
     """The target with noise on every weight: a draft that agrees with it often, not always."""
@@ -105,37 +79,40 @@ def noisy_draft(tiny_vocab, tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1 * p.std())
-    path = tmp_path_factory.mktemp("noisy-draft")
-    model.save_pretrained(path)
-    for f in tiny_vocab.iterdir():
-        if not f.name.startswith("model") and f.name != "config.json":
-            shutil.copy(f, path / f.name)
-    return path
+    return save_checkpoint(model, tmp_path_factory.mktemp("noisy-draft"), files_from=tiny_vocab)
 
 
 DRAFT_CONFIGS = ("eager", "chunked-prefill-7", "no-prefix-cache", "preempting", "compiled")
+SPEC_CASES = [("ngram", name) for name in CONFIGS] + [("draft", name) for name in DRAFT_CONFIGS]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in DRAFT_CONFIGS])
-def test_greedy_draft_model_matches_transformers(name, tiny_vocab, noisy_draft, prompts, reference, device):
-    """spec=draft: the noisy copy proposes, the target verifies; output is the target's, and the draft's own
-    KV pool is empty once every sequence is done."""
+@pytest.mark.parametrize(
+    ("spec", "name"), [pytest.param(*case, marks=pytest.mark.slow) if case[1] in SLOW else case for case in SPEC_CASES]
+)
+def test_greedy_speculation_matches_transformers(spec, name, request, tiny_vocab, prompts, reference, device):
+    """The proposer drafts (prompt lookup, or a noisy copy of the target), the target verifies: the output is
+    the target's, and every KV page (the draft's own pool included) is free once the sequences are done."""
+    draft = {"spec.model.path": str(request.getfixturevalue("noisy_draft"))} if spec == "draft" else {}
     llm = LLM(
         str(tiny_vocab),
         dtype=torch.float32,
         progress_bar=False,
         device=device,
-        spec="draft",
-        **{**ALWAYS, "spec.model.path": str(noisy_draft), **CONFIGS[name]},
+        spec=spec,
+        **{**ALWAYS, **draft, **CONFIGS[name]},
     )
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-    for attempt in range(2):
+    for attempt in range(2):  # the second pass finds every prompt in the prefix cache
         outs = llm.generate_outputs(prompts, params)
-        assert [o.outputs[0].token_ids for o in outs] == reference, f"{name}, pass {attempt}"
+        assert [o.outputs[0].token_ids for o in outs] == reference, f"{spec} {name}, pass {attempt}"
     stats = llm.engine.stats()
-    assert stats["spec_accepted_tokens"] > 20, stats
-    assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats
-    assert _pool_is_full(llm) and llm.engine.proposer.pool_is_free(), "KV pages leaked"
+    if name == "governed":
+        return
+    assert stats["spec_accepted_tokens"] > 20, stats  # the drafts were used, not just proposed
+    assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"], stats  # and some were rejected
+    assert sum(o.usage.accepted_prediction_tokens for o in outs) > 0
+    assert _pool_is_full(llm), "KV pages leaked"
+    assert spec != "draft" or llm.engine.proposer.pool_is_free(), "the draft's KV pages leaked"
     if name == "preempting":
         assert stats["preemptions"] > 0
 

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy, qwen_tokenizer_dir, trim_at_eos
+from conftest import PROMPTS, hf_greedy, save_checkpoint, trim_at_eos
 
 from engine import LLM, SamplingParams
 from engine.kv_cache import SCRATCH_PAGE, grouped_allocators
@@ -118,8 +118,6 @@ def test_window_pages_only_the_tree_holds_are_evicted_when_the_pool_runs_dry():
 
 def _gemma_like(path, layers: int, window: int, context: int):
     """A tiny checkpoint with Gemma 3's layout: a full layer after every five sliding ones."""
-    import shutil
-
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(
@@ -136,10 +134,7 @@ def _gemma_like(path, layers: int, window: int, context: int):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    Gemma3ForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
-    for f in qwen_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    return path
+    return save_checkpoint(Gemma3ForCausalLM(cfg).eval(), path)
 
 
 @pytest.mark.parametrize("cache", ["none", "radix"])
