@@ -20,13 +20,22 @@ from conftest import PROMPTS, hf_greedy, trim_at_eos
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, compose_config, group_choices
 from engine.kernels import quant_linear
-from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Experts, Int8Linear, quantize_int4_groups
+from engine.kernels.quant_linear import (
+    GroupedInt8Embedding,
+    GroupedInt8Linear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Experts,
+    Int8Linear,
+    quantize_int4_groups,
+)
 from engine.models.loader import QUANTIZED_LAYOUT
 from engine.models.source import embedded_model_path, gguf_cache_dir
 from engine.parallel import TPGroup
 from engine.quant.auto import Auto
 from engine.quant.base import NoQuant, QuantScheme
 from engine.quant.int4 import int4_groups
+from engine.quant.int8_groups import int8_groups
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,13 +80,55 @@ def test_int4_layer_computes_the_float_product(rows, compiled, out_features):
     assert torch.allclose(got, F.linear(x, layer.dequantized(), layer.bias), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1])
+def test_grouped_int8_holds_q8_0_exactly_and_5_bit_blocks_within_8_bits(qtype):
+    """Q8_0 taken as its blocks and re-quantized from its float values alike: bit-exact. 5-bit blocks rounded
+    per group of 32: within half a step of each group's 8 bits."""
+    raw = blocks(96, 512, qtype)
+    want = torch.from_numpy(gguf.dequantize(raw, qtype))
+    layer = GroupedInt8Linear(512, 96)
+    layer.load_rows(slice(None), want)
+    if qtype == Q.Q8_0:
+        assert torch.equal(layer.dequantized(), want)
+        layer.load_groups(slice(None), *int8_groups(raw))
+        assert torch.equal(layer.dequantized(), want)
+    else:
+        step = want.reshape(96, 16, 32).abs().amax(-1, keepdim=True) / 127
+        assert ((layer.dequantized() - want).reshape(96, 16, 32).abs() <= step / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 9, 40])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_grouped_int8_layer_and_embedding_compute_their_float_values(rows, compiled, monkeypatch):
+    """One row (fused reduction), few rows (each alone), several rows (float weight in pieces), and the table."""
+    monkeypatch.setattr(quant_linear, "FLOAT_PIECE_BYTES", 128 * 4 * 64)  # 300 rows in 5 pieces
+    torch.manual_seed(0)
+    w = torch.randn(300, 128)
+    layer, table = GroupedInt8Linear(128, 300, bias=True), GroupedInt8Embedding(300, 128)
+    for part in (slice(0, 37), slice(37, None)):
+        layer.load_rows(part, w[part])
+    table.load_rows(slice(None), w)
+    layer.bias.copy_(torch.randn(300))
+    x = torch.randn(rows, 128)
+    fn = torch.compile(layer, dynamic=False) if compiled else layer
+    with torch.inference_mode():
+        got = fn(x)
+    assert torch.allclose(got, F.linear(x, layer.dequantized(), layer.bias), rtol=1e-5, atol=1e-4)
+    ids = torch.tensor([[0, 299], [5, 37]])
+    assert torch.equal(table(ids), layer.dequantized()[ids])
+
+
+LAYERS = {"int4": Int4Linear, "int8": Int8Linear, "int8_groups": GroupedInt8Linear}
+
+
+@pytest.mark.parametrize("fmt", list(LAYERS))
 @pytest.mark.parametrize("compiled", [False, True])
 def test_up_to_eight_rows_compute_each_row_as_a_lone_row(fmt, compiled):
     """Batch invariance of the quantized kernels below 9 rows: every row of a 2..8-row product is bit-identical
     to that row computed alone (a speculative verification then agrees with plain decoding)."""
     torch.manual_seed(0)
-    layer = Int4Linear(256, 100) if fmt == "int4" else Int8Linear(256, 100)
+    torch._dynamo.reset()  # graphs of these layers' methods compiled by other tests (other shapes) stay cached
+    layer = LAYERS[fmt](256, 100)
     layer.load_rows(slice(None), torch.randn(100, 256))
     fn = torch.compile(layer, dynamic=True) if compiled else layer
     with torch.inference_mode():
@@ -154,19 +205,23 @@ def test_plan_keeps_each_tensors_precision_class():
         "layers.0.mlp.down_proj": ["F16"],
         "embed_tokens": ["Q4_K"],
         "lm_head": ["Q8_0"],
+        "layers.1.mlp.experts_gate_up": ["Q4_K"],
+        "layers.1.mlp.experts_down": ["Q8_0"],
     }
     auto = compose_config(quant="auto").quant.build()
     assert auto.plan(parts) == {
-        "layers.0.self_attn.qkv_proj": "int8",
+        "layers.0.self_attn.qkv_proj": "int8_groups",
         "layers.0.mlp.gate_up_proj": "int4",
-        "embed_tokens": "int8",
-        "lm_head": "int8",
+        "embed_tokens": "int8_groups",  # what int4 cannot hold goes where the file's other types go
+        "lm_head": "int8_groups",
+        "layers.1.mlp.experts_gate_up": "int8",  # experts: int8 per row (no grouped gathered product yet)
+        "layers.1.mlp.experts_down": "int8",
     }
     assert set(compose_config(quant="int4").quant.build().plan(parts).values()) == {"int4", "int8"}  # heads int8
     assert compose_config(quant="none").quant.build().plan(parts) == {}
 
 
-MODES = ("auto", "int4", "int8", "none")
+MODES = ("auto", "int4", "int8", "int8_groups", "none")
 
 
 def test_quant_group_files_are_schemes():
@@ -292,6 +347,22 @@ def test_quantized_load_is_cached(tiny_gguf, tmp_path, monkeypatch):
     assert gguf_cache_dir(tiny_gguf, f"quantized-auto-v{QUANTIZED_LAYOUT}") == folder
 
 
+@pytest.mark.parametrize("mode", ["int8", "int8_groups"])
+def test_loading_in_pieces_gives_the_model_read_whole(tiny_gguf, tmp_path, monkeypatch, mode):
+    """Tensors are converted a few rows at a time (bounded memory): the pieces of a GGUF's rotary-permuted Q/K
+    must hold whole heads, and the model must equal one converted tensor by tensor."""
+    from engine.quant import base
+
+    states = []
+    for piece_bytes in (1 << 30, 3 * 4 * TINY["hidden"]):  # whole tensors; 3 rows, rounded up to whole heads
+        monkeypatch.setattr(base, "LOAD_BYTES", piece_bytes)
+        monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / str(piece_bytes)))
+        llm = LLM(str(tiny_gguf), quant=mode, dtype="float32", enforce_eager=True, progress_bar=False)
+        states.append(llm.engine.model.state_dict())
+    whole, pieces = states
+    assert whole.keys() == pieces.keys() and all(torch.equal(whole[k], pieces[k]) for k in whole)
+
+
 # ------------------------------------------------------------------------------------- SmolLM2 quality
 
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()  # ~800 tokens of plain English
@@ -359,7 +430,8 @@ print(repr((peak - start, weight_bytes(engine.model) + kv, kinds)))
 
 @pytest.mark.slow
 def test_smollm2_gguf_auto_loads_in_little_memory(tmp_path):
-    """The embedded Q4_1 file under the default quant=auto: int4 layers and an int8 head, and the peak resident
+    """The embedded Q4_1 file under the default quant=auto: int4 layers and its Q8_0 head as it is (grouped
+    int8), and the peak resident
     memory of a load within a bound of its quantized weights plus its KV pool. The issue's bound, 1.3x, holds
     once the engine cache has the converted model (measured 1.17x; mapped by safetensors, 2.0x); the first load,
     converting the file, measured 1.55x (the dequantized pieces' temporaries, the header's index)."""
@@ -368,7 +440,7 @@ def test_smollm2_gguf_auto_loads_in_little_memory(tmp_path):
         done = subprocess.run([sys.executable, "-c", LOAD_PEAK], env=env, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
         grown, budget, kinds = eval(done.stdout.strip().splitlines()[-1])
-        assert kinds == ["Int4Linear", "Int8Embedding", "Int8Linear"]
+        assert kinds == ["GroupedInt8Embedding", "GroupedInt8Linear", "Int4Linear"]
         assert grown <= bound * budget, (load, grown / budget)
 
 

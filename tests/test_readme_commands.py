@@ -48,7 +48,7 @@ SMOKE = {
     "spec_decode.py": {"bench.llama_cpp": "false", "bench.new_tokens": "4", "bench.batch": "2", "bench.repeats": "1"},
     "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[auto,int8]", "bench.prompt_tokens": "4",
                            "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
-                           "bench.repeats": "1"},
+                           "bench.repeats": "1", "bench.fidelity_tokens": "2"},
 }  # fmt: skip
 
 

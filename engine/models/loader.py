@@ -32,6 +32,7 @@ from engine.parallel import TPGroup, shard_heads, vocab_shard
 from engine.progress import progress
 from engine.quant.base import NoQuant, QuantScheme, format_of, quantize_modules, weight_bytes
 from engine.quant.int4 import int4_groups
+from engine.quant.int8_groups import int8_groups
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CONVERTED_WEIGHTS = "model.safetensors"
 QUANTIZED_PLAN = "plan.json"
-QUANTIZED_LAYOUT = 3  # bump when kernels/quant_linear.py changes what its buffers hold
+QUANTIZED_LAYOUT = 4  # bump when kernels/quant_linear.py changes what its buffers hold
 
 
 def converted_gguf(gguf_file: Path, cfg: ModelConfig) -> Path | None:
@@ -294,6 +295,11 @@ class GGUFTensor:
         return self.tensor.tensor_type.name
 
     @property
+    def row_block(self) -> int:
+        """Rows that must be read together: the rotary permutation stays inside one head's rows."""
+        return self.head_dim if self.permuted else 1
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists the fastest dimension first
 
@@ -307,6 +313,10 @@ class GGUFTensor:
     def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values, scales, offsets) of whole rows of a Q4_0/Q4_1/Q4_K tensor, without loss."""
         return tuple(self._rows_in_hf_order(t) for t in int4_groups(self.tensor.data[rows], self.type_name))
+
+    def int8_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, scales) of whole rows of a Q8_0 tensor, without loss."""
+        return tuple(self._rows_in_hf_order(t) for t in int8_groups(self.tensor.data[rows]))
 
     def _rows_in_hf_order(self, w: torch.Tensor) -> torch.Tensor:
         # Rows are sliced by whole heads, and the permutation stays inside a head.
@@ -419,11 +429,18 @@ class RowRange:
     def type_name(self) -> str | None:
         return getattr(self.read, "type_name", None)
 
+    @property
+    def row_block(self) -> int:
+        return getattr(self.read, "row_block", 1)
+
     def __call__(self, part: tuple[slice, ...]) -> torch.Tensor:
         return self.read((self._rows(part[0]), *part[1:]))
 
     def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.read.int4_groups(self._rows(rows))
+
+    def int8_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.read.int8_groups(self._rows(rows))
 
     def _rows(self, rows: slice) -> slice:
         inner = range(self.start, self.stop)[rows]

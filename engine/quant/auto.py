@@ -1,7 +1,8 @@
 """`quant=auto`, the default: keep what a GGUF file holds. Each layer takes the format that holds its tensor
 type without loss (4-bit blocks stay int4), float tensors stay float, anything else becomes the last format
-listed (int8); a fused layer (QKV, gate+up) whose parts differ (Q4_K_M mixes Q4_K and Q6_K) takes the most
-precise format of its parts. Off a single CPU process (a GPU, tensor parallelism) the weights load as float."""
+listed (grouped int8), as does a layer the chosen format cannot hold (int4 heads); a fused layer (QKV, gate+up)
+whose parts differ (Q4_K_M mixes Q4_K and Q6_K) takes the most precise format of its parts. Off a single CPU
+process (a GPU, tensor parallelism) the weights load as float."""
 
 from __future__ import annotations
 
@@ -29,5 +30,5 @@ class Auto(QuantScheme):
         for module, types in parts.items():
             formats = [self.format_for(t) for t in types]
             if formats and all(f is not None for f in formats):
-                plan[module] = self.settle(module, max(formats, key=lambda f: f.rank))
+                plan[module] = self.settle(module, max(formats, key=lambda f: f.rank), self.formats[-1])
         return plan

@@ -49,7 +49,8 @@ class QuantFormat(ABC):
         shape = checked(torch.empty(read.shape, device="meta")[part]).shape
         into = range(target.weight_shape[0])[rows]
         source = range(read.shape[0])[part[0]]
-        step = max(1, LOAD_BYTES // (4 * max(1, shape[1:].numel())))
+        block = getattr(read, "row_block", 1)  # whole heads of a GGUF's permuted Q/K rows
+        step = max(1, LOAD_BYTES // (4 * max(1, shape[1:].numel()) * block)) * block
         for i in range(0, len(source), step):
             piece = read((_as_slice(source[i : i + step]), *part[1:]))
             target.load_rows(_as_slice(into[i : i + step]), piece)
@@ -60,7 +61,7 @@ def _as_slice(r: range) -> slice:
 
 
 def format_of(module: nn.Module) -> QuantFormat | None:
-    return next((f for f in FORMATS.values() if isinstance(module, f.module_types)), None)
+    return next((f for f in FORMATS.values() if type(module) in f.module_types), None)  # grouped int8 subclasses int8
 
 
 def load_format(path: str) -> QuantFormat:
@@ -84,9 +85,9 @@ class QuantScheme(ABC):
         fused layer has several); layers left out stay in the model dtype."""
 
     @staticmethod
-    def settle(module: str, fmt: QuantFormat) -> str:
-        """`fmt`, or int8 for a layer `fmt` cannot hold (the heads: int4 would give up int8's head GEMM)."""
-        return fmt.name if fmt.holds(module) else "int8"
+    def settle(module: str, *formats: QuantFormat) -> str:
+        """The first of `formats` that can hold `module`, else int8 (which holds every layer)."""
+        return next((f.name for f in formats if f.holds(module)), "int8")
 
 
 class NoQuant(QuantScheme):

@@ -1,6 +1,7 @@
 """int8 weights, one scale per output row (kernels/quant_linear.py `Int8Linear`, `Int8Embedding`, `Int8Experts`):
-the fastest CPU format here for batched steps (`torch._int_mm` on int8 activation digits), what `auto` makes of
-5- to 8-bit GGUF blocks (dequantized, then re-quantized per row), and the format of quantized MoE experts."""
+the fastest format for batched steps on CPUs with VNNI (`torch._int_mm` on int8 activation digits), `quant=int8`,
+and the format of quantized MoE experts. `auto` keeps 5- to 8-bit GGUF blocks in grouped int8 instead
+(engine/quant/int8_groups.py): one scale per row re-quantizes them with a loss."""
 
 from __future__ import annotations
 
