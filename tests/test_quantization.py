@@ -35,7 +35,7 @@ from engine.parallel import TPGroup
 from engine.quant.auto import Auto
 from engine.quant.base import NoQuant, QuantScheme
 from engine.quant.int4 import int4_groups
-from engine.quant.int8_groups import int8_groups
+from engine.quant.int8_groups import GroupedInt8Format, int8_groups
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,18 +81,17 @@ def test_int4_layer_computes_the_float_product(rows, compiled, out_features):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1])
-def test_grouped_int8_holds_q8_0_exactly_and_5_bit_blocks_within_8_bits(qtype):
-    """Q8_0 taken as its blocks and re-quantized from its float values alike: bit-exact. 5-bit blocks rounded
-    per group of 32: within half a step of each group's 8 bits."""
+def test_grouped_int8_holds_symmetric_blocks_exactly_and_others_within_8_bits(qtype):
+    """Q8_0 and Q5_0 (one scale times small integers) taken as their blocks: bit-exact. Q5_1 (an offset too)
+    rounded per group of 32: within half a step of each group's 8 bits."""
     raw = blocks(96, 512, qtype)
     want = torch.from_numpy(gguf.dequantize(raw, qtype))
     layer = GroupedInt8Linear(512, 96)
-    layer.load_rows(slice(None), want)
-    if qtype == Q.Q8_0:
-        assert torch.equal(layer.dequantized(), want)
-        layer.load_groups(slice(None), *int8_groups(raw))
+    if qtype.name in GroupedInt8Format.exact_types:
+        layer.load_groups(slice(None), *int8_groups(raw, qtype.name))
         assert torch.equal(layer.dequantized(), want)
     else:
+        layer.load_rows(slice(None), want)
         step = want.reshape(96, 16, 32).abs().amax(-1, keepdim=True) / 127
         assert ((layer.dequantized() - want).reshape(96, 16, 32).abs() <= step / 2 + 1e-7).all()
 

@@ -314,9 +314,9 @@ class GGUFTensor:
         """(values, scales, offsets) of whole rows of a Q4_0/Q4_1/Q4_K tensor, without loss."""
         return tuple(self._rows_in_hf_order(t) for t in int4_groups(self.tensor.data[rows], self.type_name))
 
-    def int8_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, scales) of whole rows of a Q8_0 tensor, without loss."""
-        return tuple(self._rows_in_hf_order(t) for t in int8_groups(self.tensor.data[rows]))
+    def int8_groups(self, rows: slice, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, scales) of whole rows of a Q8_0/Q5_0 tensor, without loss."""
+        return tuple(self._rows_in_hf_order(t) for t in int8_groups(self.tensor.data[rows], tensor_type))
 
     def _rows_in_hf_order(self, w: torch.Tensor) -> torch.Tensor:
         # Rows are sliced by whole heads, and the permutation stays inside a head.
@@ -439,8 +439,8 @@ class RowRange:
     def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.read.int4_groups(self._rows(rows))
 
-    def int8_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.read.int8_groups(self._rows(rows))
+    def int8_groups(self, rows: slice, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.read.int8_groups(self._rows(rows), tensor_type)
 
     def _rows(self, rows: slice) -> slice:
         inner = range(self.start, self.stop)[rows]

@@ -1,7 +1,8 @@
 """int8 weights with a scale per group of 32 inputs (kernels/quant_linear.py `GroupedInt8Linear`,
-`GroupedInt8Embedding`): what `auto` makes of 5- to 8-bit GGUF blocks. Q8_0 blocks are taken as they are
-(32 int8 values and one scale each: no loss); Q5_0/Q5_1/Q5_K/Q6_K, dequantized, are rounded to 8 bits per group of
-32, far finer than their own 5 or 6 (one scale per row lost more: its 8 bits span a whole row's range)."""
+`GroupedInt8Embedding`): what `auto` makes of 5- to 8-bit GGUF blocks. Q8_0 and Q5_0 blocks are symmetric, 32
+values times one fp16 scale, so they are taken as they are (no loss); Q5_1/Q5_K/Q6_K (offsets, or two scales per
+32 values), dequantized, are rounded to 8 bits per group of 32, finer than their own 5 or 6 bits (one scale per
+row lost more: its 8 bits span a whole row's range)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from engine.kernels.quant_linear import GroupedInt8Embedding, GroupedInt8Linear
 from engine.quant import int8  # noqa: F401 (MoE experts settle to int8: registered with it)
 from engine.quant.base import QuantFormat
 
-Q8_0_BLOCK = 34  # bytes: an fp16 scale, then 32 int8 values
+BLOCK_BYTES = {"Q8_0": 34, "Q5_0": 22}  # an fp16 scale first, then 32 values (8 bits; 5 bits: 4 + 16 bytes)
 
 
 class GroupedInt8Format(QuantFormat):
     name = "int8_groups"
     rank = 2  # finer than int8's one scale per row
-    exact_types = ("Q8_0",)
+    exact_types = tuple(BLOCK_BYTES)
     module_types = (GroupedInt8Linear, GroupedInt8Embedding)
 
     def holds(self, module: str) -> bool:
@@ -35,17 +36,20 @@ class GroupedInt8Format(QuantFormat):
 
     def load(self, target: nn.Module, rows: Any, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
         if getattr(read, "type_name", None) in self.exact_types:
-            q, scale = read.int8_groups(part[0])  # the file's own blocks: no loss
+            q, scale = read.int8_groups(part[0], read.type_name)  # the file's own blocks: no loss
             target.load_groups(rows, checked(q), scale)
         else:
             super().load(target, rows, read, part, checked)
 
 
-def int8_groups(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q8_0 rows (bytes [R, row bytes]) -> (values [R, K] int8, scales [R, K/32] fp32), bit for bit what
-    gguf.dequantize multiplies."""
+def int8_groups(rows: np.ndarray, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0/Q5_0 rows (bytes [R, row bytes]) -> (values [R, K] int8, scales [R, K/32] fp32) whose products are
+    bit for bit what gguf.dequantize gives: its values are the fp16 scale times a small integer, exact in fp32, so
+    dividing by the scale recovers the integer."""
+    import gguf
+
     r = rows.shape[0]
-    blocks = rows.reshape(-1, Q8_0_BLOCK)
-    scale = blocks[:, :2].view(np.float16).astype(np.float32)
-    q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8)
+    scale = rows.reshape(-1, BLOCK_BYTES[tensor_type])[:, :2].view(np.float16).astype(np.float32)
+    values = gguf.dequantize(rows, gguf.GGMLQuantizationType[tensor_type]).reshape(-1, 32)
+    q = np.round(values / np.where(scale == 0, 1, scale)).astype(np.int8)
     return torch.from_numpy(q.reshape(r, -1)), torch.from_numpy(scale.reshape(r, -1))
