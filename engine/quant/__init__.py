@@ -1,19 +1,21 @@
 """Weight formats (`quant=`): one file per format behind a small base (engine/quant/base.py), and the
 schemes that decide which layer gets which (configs/quant/*.yaml name them).
 
-`quant=` picks a mode: `none` (every weight in the model dtype), `int8` or `int4` (quantize every linear
-layer at load), or `auto` (keep what a GGUF file holds: 4-bit blocks stay 4-bit, 5- to 8-bit blocks
-become int8, float tensors stay float). A fused layer (QKV, gate+up) takes the most precise format of
-its parts. The LM head and the token embeddings (one table when tied) are int8 whenever they are
-quantized at all: int4 groups along the hidden size would save 14 MB on SmolLM2 but give up int8's
-GEMM for the batched steps (the 49152-row head at 32 rows: 4.5 ms through `_int_mm`, 25 ms in fp32 here).
+`quant=` picks a mode: `none` (every weight in the model dtype), `int8`, `int8_groups` or `int4` (quantize every
+linear layer at load), or `auto` (keep what a GGUF file holds: 4-bit blocks stay 4-bit, 5- to 8-bit blocks become
+grouped int8, float tensors stay float). A fused layer (QKV, gate+up) takes the most precise format of its parts.
+The LM head and the token embeddings (one table when tied) are never int4: int4 groups along the hidden size would
+save 14 MB on SmolLM2 but give up the int8 GEMM of VNNI CPUs for the batched steps (the 49152-row head at 32
+rows: 4.5 ms through `_int_mm`, 25 ms in fp32 there); under `auto` they take grouped int8 (a Q8_0 head as it is).
 
-What each GGUF type becomes under `auto`:
+What each GGUF type becomes under `auto` (weight error: relative RMS over the real files' tensors of that type,
+SmolLM2 Q4_1 and Gemma-3-270M Q4_K_M; one scale per row, the format before 2026-12-05, in brackets):
 
-| GGUF type | format | loss |
+| GGUF type | format | weight error |
 |---|---|---|
 | F32, F16, BF16 | model dtype | none |
 | Q4_0, Q4_1, Q4_K | int4, groups of 32 with scale and offset | none (same values, same groups) |
-| Q8_0, Q5_0, Q5_1, Q5_K, Q6_K | int8 per row (dequantized, then re-quantized) | small (perplexity-tested) |
-| anything else (Q2_K, Q3_K, IQ*) | int8 per row, as above | that of the file |
+| Q8_0, Q5_0 | int8, groups of 32 with one scale (the file's blocks) | none (0 vs 1.5e-2 for Q8_0 per row) |
+| Q5_1, Q5_K, Q6_K | int8, groups of 32, rounded | Q6_K 5.6e-3 (1.0e-2) |
+| anything else (Q2_K, Q3_K, IQ*) | int8, groups of 32, rounded | that of the file, plus 8-bit rounding |
 """
