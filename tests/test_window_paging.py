@@ -116,6 +116,36 @@ def test_window_pages_only_the_tree_holds_are_evicted_when_the_pool_runs_dry():
     assert kv.allocator.num_free == kv.allocator.capacity
 
 
+def test_the_trees_page_counts_follow_every_change():
+    """total_pages and total_window_pages are counted as the tree changes (stats read them every step): after
+    inserts sharing prefixes, splits, windows dropped, both kinds of eviction, they equal a walk of the tree."""
+    kv = _manager(num_layer_pages=3 * 48)
+    rng = random.Random(0)
+    stems = [[rng.randrange(1000) for _ in range(12)] for _ in range(3)]
+
+    def walked() -> tuple[int, int]:
+        nodes = kv.cache._nodes()
+        held = sum(p != SCRATCH_PAGE for n in nodes for p in n.window_pages)
+        return sum(len(n.pages) for n in nodes), held
+
+    for i in range(12):
+        seq = _seq(stems[i % 3] + [rng.randrange(1000) for _ in range(rng.randrange(4, 30))])
+        if not kv.admit(seq, max_new_tokens=8):
+            kv.cache.evict(kv.cache.evictable_pages)
+            assert (kv.cache.total_pages, kv.cache.total_window_pages) == walked()
+            assert kv.admit(seq, max_new_tokens=8)
+        for upto in range(seq.num_computed_tokens + 8, len(seq.token_ids) + 8, 8):
+            _compute(kv, seq, min(upto, len(seq.token_ids)))
+        kv.release(seq)
+        assert (kv.cache.total_pages, kv.cache.total_window_pages) == walked()
+        if i % 4 == 3:
+            kv.cache.evict(3, windowed=True)
+            assert (kv.cache.total_pages, kv.cache.total_window_pages) == walked()
+    assert kv.cache.total_pages > 0 and kv.cache.total_window_pages > 0
+    kv.cache.reset()
+    assert (kv.cache.total_pages, kv.cache.total_window_pages) == walked() == (0, 0)
+
+
 def _gemma_like(path, layers: int, window: int, context: int):
     """A tiny checkpoint with Gemma 3's layout: a full layer after every five sliding ones."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
