@@ -201,13 +201,12 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_int8_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per group of 32 along the input (Q8_0's rule): (values [N, K] int8, scales [N, K/32])
+    """Symmetric int8 per group of 32 along the input (Q8_0's rule): (values [..., K] int8, scales [..., K/32])
     with w ~ values * scale."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // GROUP, GROUP)
+    g = w.float().unflatten(-1, (-1, GROUP))
     scale = g.abs().amax(-1) / 127
     q = torch.round(g / torch.where(scale == 0, 1, scale)[..., None]).clamp(-127, 127)
-    return q.to(torch.int8).reshape(n, k), scale
+    return q.to(torch.int8).flatten(-2), scale
 
 
 class GroupedInt8Linear(Int8Linear):
@@ -258,6 +257,26 @@ class GroupedInt8Embedding(Int8Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return _grouped_float(self.qweight[ids], self.scale[ids])
+
+
+class GroupedInt8Experts(Int8Experts):
+    """Stacked experts [experts, out, in] in grouped int8 (a scale per 32 inputs of each row): a GGUF's Q8_0 and
+    Q5_0 experts as they are. A token reads one byte per weight of its k experts, scaled inside the reduction."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int) -> None:
+        if in_features % GROUP:
+            raise ValueError(f"GroupedInt8Experts needs in_features divisible by {GROUP}, got {in_features}")
+        super().__init__(experts, out_features, in_features)
+        self.register_buffer("scale", torch.empty(experts, out_features, in_features // GROUP))
+
+    load_rows = GroupedInt8Linear.load_rows
+    load_groups = GroupedInt8Linear.load_groups
+
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return (x[:, :, None, :] * _grouped_float(self.qweight[experts], self.scale[experts])).sum(-1)
+
+    def expert(self, e: int) -> torch.Tensor:
+        return _grouped_float(self.qweight[e], self.scale[e])
 
 
 def _grouped_float(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

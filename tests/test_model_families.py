@@ -353,24 +353,26 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_quantized_experts_stay_int8(tmp_path, monkeypatch, eager):
-    """quant=auto on a GGUF with Q8_0 experts keeps them int8 (one scale per row, a quarter of the float
-    bytes) and generates what transformers generates from the values the engine holds."""
+def test_quantized_experts_keep_the_files_blocks(tmp_path, monkeypatch, eager):
+    """quant=auto on a GGUF with Q8_0 experts keeps them as the file's blocks (grouped int8, a quarter of the
+    float bytes, bit-exact) and generates what transformers generates from those values."""
     import gguf
 
-    from engine.kernels.quant_linear import Int8Experts
+    from engine.kernels.quant_linear import GroupedInt8Experts
 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     hf = _tiny_moe_hf()
-    path = write_qwen3_moe_gguf(hf, tmp_path / "tiny-moe-q8.gguf", experts_type=gguf.GGMLQuantizationType.Q8_0)
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    path = write_qwen3_moe_gguf(hf, tmp_path / "tiny-moe-q8.gguf", experts_type=q8_0)
     llm = LLM(str(path), dtype=torch.float32, enforce_eager=eager, progress_bar=False)  # quant=auto
     for i, layer in enumerate(llm.engine.model.layers):
         for ours, theirs in (("experts_gate_up", "gate_up_proj"), ("experts_down", "down_proj")):
             experts = getattr(layer.mlp, ours)
-            assert isinstance(experts, Int8Experts) and experts.qweight.dtype == torch.int8
-            held = experts.qweight.float() * experts.scale[..., None]
+            assert isinstance(experts, GroupedInt8Experts) and experts.qweight.dtype == torch.int8
+            held = torch.stack([experts.expert(e) for e in range(experts.weight_shape[0])])
             original = getattr(hf.model.layers[i].mlp.experts, theirs).data
-            assert (held - original).abs().max() < 0.02 * original.abs().max()  # Q8_0, then 8 bits per row
+            file = torch.from_numpy(gguf.dequantize(gguf.quants.quantize(original.numpy(), q8_0), q8_0))
+            assert torch.equal(held, file)  # the file's values, bit for bit
             getattr(hf.model.layers[i].mlp.experts, theirs).data = held
     ids = [llm.encode(p * 3) for p in PROMPTS[:5]]
     expected = hf_greedy(hf, ids, MAX_NEW)

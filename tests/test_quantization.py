@@ -22,6 +22,7 @@ from engine.config import ConfigError, compose_config, group_choices
 from engine.kernels import quant_linear
 from engine.kernels.quant_linear import (
     GroupedInt8Embedding,
+    GroupedInt8Experts,
     GroupedInt8Linear,
     Int4Linear,
     Int8Embedding,
@@ -167,10 +168,12 @@ def test_int8_layer_and_embedding(rows, digits, int8_gemm, monkeypatch):
     assert torch.allclose(table(ids), w[ids], atol=w.abs().max().item() / 127)
 
 
+@pytest.mark.parametrize("kind", [Int8Experts, GroupedInt8Experts])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_int8_experts_compute_the_float_moe_on_their_own_values(compiled):
-    """An MoE layer with Int8Experts computes what the float layer computes from the dequantized experts: the
-    eager path (a GEMM per expert) and the compiled one (products over each token's gathered experts)."""
+def test_int8_experts_compute_the_float_moe_on_their_own_values(compiled, kind):
+    """An MoE layer with int8 experts (a scale per row, or per 32 inputs) computes what the float layer computes
+    from the dequantized experts: the eager path (a GEMM per expert) and the compiled one (products over each
+    token's gathered experts)."""
     from engine.models.transformer import ModelConfig, MoE
 
     cfg = ModelConfig(
@@ -185,10 +188,10 @@ def test_int8_experts_compute_the_float_moe_on_their_own_values(compiled):
         p.data.normal_(0, 0.2)
     quantized.gate.load_state_dict(reference.gate.state_dict())
     for name in ("experts_gate_up", "experts_down"):
-        experts = Int8Experts(*getattr(reference, name).weight_shape)
+        experts = kind(*getattr(reference, name).weight_shape)
         experts.load_rows(slice(None), getattr(reference, name).weight.data)
         setattr(quantized, name, experts)
-        dequantized = experts.qweight.float() * experts.scale[..., None]
+        dequantized = torch.stack([experts.expert(e) for e in range(cfg.num_experts)])
         assert (dequantized - getattr(reference, name).weight).abs().max() <= experts.scale.max() / 2 + 1e-7
         getattr(reference, name).weight.data.copy_(dequantized)
     x = torch.randn(9, 64)
@@ -213,8 +216,8 @@ def test_plan_keeps_each_tensors_precision_class():
         "layers.0.mlp.gate_up_proj": "int4",
         "embed_tokens": "int8_groups",  # what int4 cannot hold goes where the file's other types go
         "lm_head": "int8_groups",
-        "layers.1.mlp.experts_gate_up": "int8",  # experts: int8 per row (no grouped gathered product yet)
-        "layers.1.mlp.experts_down": "int8",
+        "layers.1.mlp.experts_gate_up": "int8_groups",  # int4 does not hold experts
+        "layers.1.mlp.experts_down": "int8_groups",
     }
     assert set(compose_config(quant="int4").quant.build().plan(parts).values()) == {"int4", "int8"}  # heads int8
     assert compose_config(quant="none").quant.build().plan(parts) == {}

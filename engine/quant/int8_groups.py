@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.kernels.quant_linear import GroupedInt8Embedding, GroupedInt8Linear
-from engine.quant import int8  # noqa: F401 (MoE experts settle to int8: registered with it)
+from engine.kernels.quant_linear import GroupedInt8Embedding, GroupedInt8Experts, GroupedInt8Linear
+from engine.models.transformer import ExpertWeights
+from engine.quant import int8  # noqa: F401 (int8 holds every layer: the fallback of `settle`, registered with it)
 from engine.quant.base import QuantFormat
 
 BLOCK_BYTES = {"Q8_0": 34, "Q5_0": 22}  # an fp16 scale first, then 32 values (8 bits; 5 bits: 4 + 16 bytes)
@@ -24,12 +25,11 @@ class GroupedInt8Format(QuantFormat):
     name = "int8_groups"
     rank = 2  # finer than int8's one scale per row
     exact_types = tuple(BLOCK_BYTES)
-    module_types = (GroupedInt8Linear, GroupedInt8Embedding)
-
-    def holds(self, module: str) -> bool:
-        return not module.rpartition(".")[2].startswith("experts_")  # no grouped gathered-product kernel yet
+    module_types = (GroupedInt8Linear, GroupedInt8Embedding, GroupedInt8Experts)
 
     def build(self, float_module: nn.Module, module: str) -> nn.Module:
+        if isinstance(float_module, ExpertWeights):
+            return GroupedInt8Experts(*float_module.weight_shape)
         if isinstance(float_module, nn.Embedding):
             return GroupedInt8Embedding(float_module.num_embeddings, float_module.embedding_dim)
         return GroupedInt8Linear(float_module.in_features, float_module.out_features, float_module.bias is not None)
@@ -43,13 +43,13 @@ class GroupedInt8Format(QuantFormat):
 
 
 def int8_groups(rows: np.ndarray, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q8_0/Q5_0 rows (bytes [R, row bytes]) -> (values [R, K] int8, scales [R, K/32] fp32) whose products are
-    bit for bit what gguf.dequantize gives: its values are the fp16 scale times a small integer, exact in fp32, so
-    dividing by the scale recovers the integer."""
+    """GGUF Q8_0/Q5_0 rows (bytes [..., R, row bytes]; stacked experts lead) -> (values [..., R, K] int8, scales
+    [..., R, K/32] fp32) whose products are bit for bit what gguf.dequantize gives: its values are the fp16 scale
+    times a small integer, exact in fp32, so dividing by the scale recovers the integer."""
     import gguf
 
-    r = rows.shape[0]
+    lead = rows.shape[:-1]
     scale = rows.reshape(-1, BLOCK_BYTES[tensor_type])[:, :2].view(np.float16).astype(np.float32)
     values = gguf.dequantize(rows, gguf.GGMLQuantizationType[tensor_type]).reshape(-1, 32)
     q = np.round(values / np.where(scale == 0, 1, scale)).astype(np.int8)
-    return torch.from_numpy(q.reshape(r, -1)), torch.from_numpy(scale.reshape(r, -1))
+    return torch.from_numpy(q.reshape(*lead, -1)), torch.from_numpy(scale.reshape(*lead, -1))
