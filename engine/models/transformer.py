@@ -352,7 +352,8 @@ class MoE(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.act = activation(cfg.hidden_act)
         self.gate = nn.Linear(hidden, experts, bias=False)
-        self.experts_gate_up = ExpertWeights(experts, 2 * width, hidden)  # int8 under quant (Int8Experts, GroupedInt8Experts)
+        # Under quant: Int8Experts or GroupedInt8Experts (kernels/quant_linear.py).
+        self.experts_gate_up = ExpertWeights(experts, 2 * width, hidden)
         self.experts_down = ExpertWeights(experts, hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

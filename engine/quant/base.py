@@ -43,8 +43,8 @@ class QuantFormat(ABC):
     def load(self, target: nn.Module, rows: Any, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
         """Fill `rows` of `target`'s weight from a checkpoint tensor (`read(part)` gives its float values;
         `checked` validates a tensor's shape against those rows), LOAD_BYTES of float values at a time."""
-        if not isinstance(rows, slice):  # (expert, rows) of stacked experts: one expert's matrix is small
-            target.load_rows(rows, checked(read(part)))
+        if not isinstance(rows, slice):  # (experts, rows) of stacked experts, read at once
+            self.load_part(target, rows, read, part, checked)
             return
         shape = checked(torch.empty(read.shape, device="meta")[part]).shape
         into = range(target.weight_shape[0])[rows]
@@ -52,8 +52,13 @@ class QuantFormat(ABC):
         block = getattr(read, "row_block", 1)  # whole heads of a GGUF's permuted Q/K rows
         step = max(1, LOAD_BYTES // (4 * max(1, shape[1:].numel()) * block)) * block
         for i in range(0, len(source), step):
-            piece = read((_as_slice(source[i : i + step]), *part[1:]))
-            target.load_rows(_as_slice(into[i : i + step]), piece)
+            piece = (_as_slice(source[i : i + step]), *part[1:])
+            self.load_part(target, _as_slice(into[i : i + step]), read, piece, lambda t: t)  # shape checked above
+
+    def load_part(self, target: nn.Module, rows: Any, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
+        """Fill `rows` from `part` of the checkpoint tensor; a format that takes a file's blocks as they are reads
+        them here instead of the float values."""
+        target.load_rows(rows, checked(read(part)))
 
 
 def _as_slice(r: range) -> slice:

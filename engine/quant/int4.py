@@ -31,12 +31,12 @@ class Int4Format(QuantFormat):
     def build(self, float_module: nn.Module, module: str) -> nn.Module:
         return Int4Linear(float_module.in_features, float_module.out_features, float_module.bias is not None)
 
-    def load(self, target: nn.Module, rows: slice, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
+    def load_part(self, target: nn.Module, rows: Any, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
         if getattr(read, "type_name", None) in self.exact_types:
             q, scale, offset = read.int4_groups(part[0])  # the file's own 4-bit groups: no loss
             target.load_groups(rows, checked(q), scale, offset)
         else:
-            super().load(target, rows, read, part, checked)
+            super().load_part(target, rows, read, part, checked)
 
 
 def int4_groups(rows: np.ndarray, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

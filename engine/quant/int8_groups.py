@@ -34,22 +34,26 @@ class GroupedInt8Format(QuantFormat):
             return GroupedInt8Embedding(float_module.num_embeddings, float_module.embedding_dim)
         return GroupedInt8Linear(float_module.in_features, float_module.out_features, float_module.bias is not None)
 
-    def load(self, target: nn.Module, rows: Any, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
+    def load_part(self, target: nn.Module, rows: Any, read: Any, part: tuple[slice, ...], checked: Callable) -> None:
         if getattr(read, "type_name", None) in self.exact_types:
             q, scale = read.int8_groups(part[0], read.type_name)  # the file's own blocks: no loss
             target.load_groups(rows, checked(q), scale)
         else:
-            super().load(target, rows, read, part, checked)
+            super().load_part(target, rows, read, part, checked)
 
 
 def int8_groups(rows: np.ndarray, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF Q8_0/Q5_0 rows (bytes [..., R, row bytes]; stacked experts lead) -> (values [..., R, K] int8, scales
-    [..., R, K/32] fp32) whose products are bit for bit what gguf.dequantize gives: its values are the fp16 scale
-    times a small integer, exact in fp32, so dividing by the scale recovers the integer."""
+    [..., R, K/32] fp32) whose products are bit for bit what gguf.dequantize gives. Q8_0's values are its bytes;
+    Q5_0's, dequantized, are the fp16 scale times a small integer (exact in fp32), which dividing recovers."""
     import gguf
 
     lead = rows.shape[:-1]
-    scale = rows.reshape(-1, BLOCK_BYTES[tensor_type])[:, :2].view(np.float16).astype(np.float32)
-    values = gguf.dequantize(rows, gguf.GGMLQuantizationType[tensor_type]).reshape(-1, 32)
-    q = np.round(values / np.where(scale == 0, 1, scale)).astype(np.int8)
+    blocks = rows.reshape(-1, BLOCK_BYTES[tensor_type])
+    scale = blocks[:, :2].view(np.float16).astype(np.float32)
+    if tensor_type == "Q8_0":
+        q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8)
+    else:
+        values = gguf.dequantize(rows, gguf.GGMLQuantizationType[tensor_type]).reshape(-1, 32)
+        q = np.round(values / np.where(scale == 0, 1, scale)).astype(np.int8)
     return torch.from_numpy(q.reshape(*lead, -1)), torch.from_numpy(scale.reshape(*lead, -1))
