@@ -32,6 +32,7 @@ from engine.kernels.paged import (
     PagedBatch,
     opaque_attention_step,
 )
+from engine.kernels.quant_linear import FEW_ROWS, rows_alone_are_faster
 from engine.kv_cache import SCRATCH_PAGE, KVPool
 from engine.models.loader import build_model
 from engine.models.source import ModelSource
@@ -85,8 +86,19 @@ class ModelRunner:
         # (static shapes, CUDA graphs); a dynamic-shape CPU graph serves any size, so padding only costs.
         self.pad_to_buckets = device.type == "cuda" or not backend.supports_dynamic_shapes
         self.tp = model.tp
+        # Quantized decode steps of more sequences than FEW_ROWS run as steps of FEW_ROWS rows where no integer
+        # GEMM is fast: every row then goes through the one-row kernels, so its values do not depend on the
+        # batch (kernels/quant_linear.py `rows_alone_are_faster` has the speed measured).
+        self.decode_step_rows = FEW_ROWS if device.type == "cpu" and rows_alone_are_faster(model) else None
         self.graphs = StepGraphs(
-            model, self._logits_at_every_token, self._logits_at_rows, backend, compile_cfg, device, prefill_tokens
+            model,
+            self._logits_at_every_token,
+            self._logits_at_rows,
+            backend,
+            compile_cfg,
+            device,
+            prefill_tokens,
+            self.decode_step_rows,
         )
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and compile_cfg.cuda_graphs and self.tp.size == 1 and backend.cuda_graph_safe:
@@ -230,7 +242,13 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step (a speculating row's 1 + draft length of them, in order),
         which rows those are, and prompt logprobs by row."""
-        graphs, seqs = self.decode_graphs, batch.seqs
+        graphs, seqs, rows = self.decode_graphs, batch.seqs, self.decode_step_rows
+        if rows is not None and batch.is_decode_only and len(seqs) > rows:
+            parts = [
+                ScheduledBatch(seqs[i : i + rows], batch.num_new_tokens[i : i + rows])
+                for i in range(0, len(seqs), rows)
+            ]
+            return torch.cat([self.run(part)[0] for part in parts]), batch.sampling_rows, {}
         if graphs is not None and batch.is_decode_only and graphs.bucket(len(seqs)) is not None:
             positions = [s.num_computed_tokens for s in seqs]
             logits = graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, [s.pages for s in seqs])

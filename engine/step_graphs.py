@@ -95,8 +95,10 @@ class StepGraphs:
         cfg: CompileConfig,
         device: torch.device,
         prefill_tokens: int,
+        decode_step_rows: int | None = None,
     ) -> None:
         self.model = model
+        self.decode_step_rows = decode_step_rows  # the most rows a decode step has (larger ones are split)
         self.backend = backend
         # False when every linear layer is quantized
         self.float_gemms = any(isinstance(m, torch.nn.Linear) for m in model.modules())
@@ -193,8 +195,9 @@ class StepGraphs:
             # dynamo guards on both, and a mismatch compiled every graph again on the first real step.
             # Quantized layers add one graph per few-row bucket (kernels/quant_linear.py); a float model's
             # dynamic graph serves all of these sizes at once.
-            buckets = self.cfg.batch_buckets
-            for b in sorted({buckets[0], *(min(buckets[-1], n) for n in (*FEW_ROW_BUCKETS, 2 * FEW_ROWS))}):
+            buckets, most = self.cfg.batch_buckets, self.decode_step_rows or 2 * FEW_ROWS
+            sizes = [n for n in (*FEW_ROW_BUCKETS, 2 * FEW_ROWS) if n <= most]
+            for b in sorted({buckets[0], *(min(buckets[-1], n) for n in sizes)}):
                 batch = self._scratch_batch(b, 1)
                 ids, meta = torch.zeros_like(batch.positions), DecodeStep(self.backend.prepare_decode(batch))
                 with torch.inference_mode():

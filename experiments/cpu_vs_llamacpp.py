@@ -26,16 +26,15 @@ import time
 from collections.abc import Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from engine import LLM, SamplingParams
-from engine.config import CONFIG_DIR, EngineConfig
 from engine.models.source import resolve_model
 from engine.quant.base import weight_bytes
 from engine.tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import engine_generate, load_hf_model, record, resolve_bench_model  # noqa: E402
+from workloads import engine_config, engine_generate, load_hf_model, record, resolve_bench_model  # noqa: E402
 
 log = logging.getLogger("cpu_vs_llamacpp")
 Rates = dict[str, float]
@@ -127,14 +126,6 @@ class LlamaCpp:
         finally:
             lib.llama_batch_free(batch)
         return [i for i, row in enumerate(rows) if row[3]]
-
-
-def engine_config(cfg: DictConfig, mode: str) -> EngineConfig:
-    """The engine's config for `mode`: with no other override, what a plain `LLM(quant=mode)` gets (a test
-    holds it to that)."""
-    cfg = cfg.copy()
-    cfg.quant = OmegaConf.load(CONFIG_DIR / "quant" / f"{mode}.yaml")  # the group's choice, as quant=<mode> picks it
-    return EngineConfig.from_dictconfig(cfg)
 
 
 def reference_continuations(cfg: DictConfig, prompts: list[list[int]], new: int) -> list[list[int]]:

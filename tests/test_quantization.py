@@ -81,10 +81,10 @@ def test_int4_layer_computes_the_float_product(rows, compiled, out_features):
     assert torch.allclose(got, F.linear(x, layer.dequantized(), layer.bias), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q5_1, Q.Q4_1])
 def test_grouped_int8_holds_symmetric_blocks_exactly_and_others_within_8_bits(qtype):
-    """Q8_0 and Q5_0 (one scale times small integers) taken as their blocks: bit-exact. Q5_1 (an offset too)
-    rounded per group of 32: within half a step of each group's 8 bits."""
+    """Q8_0, Q5_0 and Q4_0 (one scale times small integers) taken as their blocks: bit-exact. Q5_1 and Q4_1 (an
+    offset too) rounded per group of 32: within half a step of each group's 8 bits."""
     raw = blocks(96, 512, qtype)
     want = torch.from_numpy(gguf.dequantize(raw, qtype))
     layer = GroupedInt8Linear(512, 96)
@@ -322,16 +322,49 @@ def test_4bit_gguf_generates_what_transformers_generates(tiny_gguf, eager, tmp_p
 
 @pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("quant", ["auto", "int8"])
-def test_greedy_output_is_the_same_alone_and_in_a_small_batch(tiny_gguf, eager, quant, tmp_path, monkeypatch):
-    """Up to 8 sequences per step, a request's greedy tokens do not depend on what else the batch holds."""
+def test_greedy_output_is_the_same_alone_and_batched(tiny_gguf, eager, quant, tmp_path, monkeypatch):
+    """A request's greedy tokens do not depend on what else the batch holds: up to 8 rows a step computes each
+    row as a lone row, and (without a fast int8 GEMM) a decode step of more sequences runs as steps of 8."""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
     llm = LLM(str(tiny_gguf), dtype="float32", enforce_eager=eager, progress_bar=False, quant=quant, cache="none")
-    ids = [llm.encode(p) for p in PROMPTS[:8]]
+    assert llm.engine.runner.decode_step_rows == (None if quant_linear.INT8_GEMM else quant_linear.FEW_ROWS)
+    ids = [llm.encode(p) for p in PROMPTS + [p + " and" for p in PROMPTS[:4]]]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = [llm.generate_outputs([p], params)[0].outputs[0].token_ids for p in ids]
-    for batch in (ids[:3], ids[3:8]):
+    for batch in (ids[:3], ids[3:8], ids if not quant_linear.INT8_GEMM else []):
         together = [o.outputs[0].token_ids for o in llm.generate_outputs(batch, params)]
         assert together == [alone[ids.index(p)] for p in batch]
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "int8_groups"])
+def test_a_decode_rows_values_do_not_depend_on_the_steps_size(tiny_gguf, quant, tmp_path, monkeypatch):
+    """Bit for bit: the same 12 prompts (one prefill step) decoded all together, or with half of them stopping
+    after 2 tokens, give the others the same logprobs: 12-row steps run as steps of 8 and 4, each row computed as
+    a lone row, like the 6-row steps (with every linear layer quantized: a float GEMM's bits depend on its row
+    count). One 12-row GEMM instead gave none of the 6 the same logprobs. One thread: eager ATen splits a
+    reduction over threads by its size, so with two the eager attention of a 12-row step (SDPA) and a 6-row one
+    differed in the last bits for 2 of the 6 (the compiled decode graph's attention is inductor's)."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _decode_steps_of_either_size(tiny_gguf, quant)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_steps_of_either_size(tiny_gguf: Path, quant: str) -> None:
+    llm = LLM(str(tiny_gguf), dtype="float32", enforce_eager=True, progress_bar=False, quant=quant, cache="none")
+    if llm.engine.runner.decode_step_rows is None:
+        pytest.skip("a CPU with a fast int8 GEMM (VNNI) keeps batched decode steps whole")
+    ids = [[(37 * i + 11 * j) % 200 + 50 for j in range(10)] for i in range(12)]
+    long, short = (SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=True) for n in (8, 2))
+
+    def logprobs(params: list[SamplingParams]) -> list[list[float]]:
+        return [[lp for lp, _ in o.outputs[0].logprobs] for o in llm.generate_outputs(ids, params)]
+
+    together, thinned = logprobs([long] * 12), logprobs([long, short] * 6)
+    assert [together[i] for i in range(0, 12, 2)] == [thinned[i] for i in range(0, 12, 2)]
 
 
 def test_quantized_load_is_cached(tiny_gguf, tmp_path, monkeypatch):
@@ -371,9 +404,10 @@ TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()  # ~800 t
 
 
 def perplexity(llm: LLM) -> float:
-    ids = llm.encode(TEXT)
-    (out,) = llm.generate_outputs([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))
-    return float(np.exp(-np.mean([lp for lp, _ in out.prompt_logprobs[1:]])))
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import workloads
+
+    return workloads.perplexity(llm, TEXT)
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ SMOKE = {
                         "bench.shape.hidden_size": "32", "bench.shape.num_hidden_layers": "2", "bench.num_experts": "4",
                         "bench.num_experts_per_tok": "2", "bench.moe_intermediate_size": "16"},
     "spec_decode.py": {"bench.llama_cpp": "false", "bench.new_tokens": "4", "bench.batch": "2", "bench.repeats": "1"},
+    "gguf_types.py": {"model.path": "null", "bench.types": "[Q8_0]"},  # null: the embedded SmolLM2 GGUF
     "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[auto,int8]", "bench.prompt_tokens": "4",
                            "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
                            "bench.repeats": "1", "bench.fidelity_tokens": "2"},

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CONVERTED_WEIGHTS = "model.safetensors"
 QUANTIZED_PLAN = "plan.json"
-QUANTIZED_LAYOUT = 4  # bump when kernels/quant_linear.py changes what its buffers hold
+QUANTIZED_LAYOUT = 5  # bump when what the buffers hold changes (kernels/quant_linear.py, a type loaded exactly)
 
 
 def converted_gguf(gguf_file: Path, cfg: ModelConfig) -> Path | None:
@@ -315,7 +315,7 @@ class GGUFTensor:
         return tuple(self._rows_in_hf_order(t) for t in int4_groups(self.tensor.data[rows], self.type_name))
 
     def int8_groups(self, rows: slice, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, scales) of whole rows of a Q8_0/Q5_0 tensor, without loss."""
+        """(values, scales) of whole rows of a Q8_0/Q5_0/Q4_0 tensor, without loss."""
         return tuple(self._rows_in_hf_order(t) for t in int8_groups(self.tensor.data[rows], tensor_type))
 
     def _rows_in_hf_order(self, w: torch.Tensor) -> torch.Tensor:

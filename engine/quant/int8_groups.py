@@ -1,8 +1,9 @@
 """int8 weights with a scale per group of 32 inputs (kernels/quant_linear.py `GroupedInt8Linear`,
-`GroupedInt8Embedding`): what `auto` makes of 5- to 8-bit GGUF blocks. Q8_0 and Q5_0 blocks are symmetric, 32
-values times one fp16 scale, so they are taken as they are (no loss); Q5_1/Q5_K/Q6_K (offsets, or two scales per
-32 values), dequantized, are rounded to 8 bits per group of 32, finer than their own 5 or 6 bits (one scale per
-row lost more: its 8 bits span a whole row's range)."""
+`GroupedInt8Embedding`): what `auto` makes of 5- to 8-bit GGUF blocks, and of the 4-bit blocks of a layer int4 does
+not hold (the LM head, the embeddings). Q8_0, Q5_0 and Q4_0 blocks are symmetric, 32 values times one fp16 scale,
+so they are taken as they are (no loss); Q5_1/Q5_K/Q6_K/Q4_1/Q4_K (offsets, or two scales per 32 values),
+dequantized, are rounded to 8 bits per group of 32, finer than their own 4 to 6 bits (one scale per row lost more:
+its 8 bits span a whole row's range)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from engine.models.transformer import ExpertWeights
 from engine.quant import int8  # noqa: F401 (int8 holds every layer: the fallback of `settle`, registered with it)
 from engine.quant.base import QuantFormat
 
-BLOCK_BYTES = {"Q8_0": 34, "Q5_0": 22}  # an fp16 scale first, then 32 values (8 bits; 5 bits: 4 + 16 bytes)
+# An fp16 scale first, then 32 values (8 bits; 5 bits: 4 + 16 bytes; 4 bits: 16 bytes)
+BLOCK_BYTES = {"Q8_0": 34, "Q5_0": 22, "Q4_0": 18}
 
 
 class GroupedInt8Format(QuantFormat):
@@ -43,9 +45,10 @@ class GroupedInt8Format(QuantFormat):
 
 
 def int8_groups(rows: np.ndarray, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q8_0/Q5_0 rows (bytes [..., R, row bytes]; stacked experts lead) -> (values [..., R, K] int8, scales
-    [..., R, K/32] fp32) whose products are bit for bit what gguf.dequantize gives. Q8_0's values are its bytes;
-    Q5_0's, dequantized, are the fp16 scale times a small integer (exact in fp32), which dividing recovers."""
+    """GGUF Q8_0/Q5_0/Q4_0 rows (bytes [..., R, row bytes]; stacked experts lead) -> (values [..., R, K] int8,
+    scales [..., R, K/32] fp32) whose products are bit for bit what gguf.dequantize gives. Q8_0's values are its
+    bytes; Q5_0's and Q4_0's, dequantized, are the fp16 scale times a small integer (exact in fp32), which dividing
+    recovers."""
     import gguf
 
     lead = rows.shape[:-1]
