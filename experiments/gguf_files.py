@@ -15,6 +15,17 @@ import torch
 from engine.models.source import engine_cache_dir
 
 QWEN3_EOS, QWEN3_PAD = 151645, 151643  # <|im_end|>, <|endoftext|>
+# transformers' Qwen3 layer tensors -> GGUF's (blk.N.<name>.weight), but for the MLP, which dense and MoE differ in
+QWEN3_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def requantize_with_gguf(source: Path, out: Path, qtype: str) -> None:
@@ -79,6 +90,20 @@ def _write_random_qwen3(path: Path) -> None:
     cfg = Qwen3Config(**QWEN3_0P6B)
     state = {k: v.to(torch.float16).numpy() for k, v in Qwen3ForCausalLM(cfg).state_dict().items()}
     w = gguf.GGUFWriter(str(path), "qwen3")
+    add_qwen3_config(w, cfg)
+    _add_qwen3_tokenizer(w, cfg.vocab_size)
+    names = QWEN3_LAYER_NAMES | {"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])  # tied: no output.weight
+    w.add_tensor("output_norm.weight", state["model.norm.weight"].astype(np.float32))
+    for i in range(cfg.num_hidden_layers):
+        for hf, ours in names.items():
+            values = state[f"model.layers.{i}.{hf}.weight"]
+            w.add_tensor(f"blk.{i}.{ours}.weight", values if values.ndim == 2 else values.astype(np.float32))
+    _finish(w)
+
+
+def add_qwen3_config(w: object, cfg: object) -> None:
+    """The GGUF keys of a transformers Qwen3 (or Qwen3-MoE) config that llama.cpp's converter writes for both."""
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -89,18 +114,6 @@ def _write_random_qwen3(path: Path) -> None:
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    _add_qwen3_tokenizer(w, cfg.vocab_size)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"}
-    names |= {"self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    names |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate"}
-    names |= {"mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])  # tied: no output.weight
-    w.add_tensor("output_norm.weight", state["model.norm.weight"].astype(np.float32))
-    for i in range(cfg.num_hidden_layers):
-        for hf, ours in names.items():
-            values = state[f"model.layers.{i}.{hf}.weight"]
-            w.add_tensor(f"blk.{i}.{ours}.weight", values if values.ndim == 2 else values.astype(np.float32))
-    _finish(w)
 
 
 def _add_qwen3_tokenizer(w: object, vocab_size: int) -> None:

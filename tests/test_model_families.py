@@ -8,6 +8,8 @@ and in decode."""
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,6 +275,9 @@ def write_qwen3_moe_gguf(model, path, experts_type=None):
     tensors, the router as ffn_gate_inp), with SmolLM2's tokenizer; `experts_type` quantizes the experts."""
     import gguf
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from gguf_files import QWEN3_LAYER_NAMES, add_qwen3_config
+
     def add_experts(name, values):
         if experts_type is None:
             w.add_tensor(name, values)
@@ -281,22 +286,11 @@ def write_qwen3_moe_gguf(model, path, experts_type=None):
 
     cfg, state = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
     w = _gguf_with_smollm2_tokenizer(path, "qwen3moe")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    add_qwen3_config(w, cfg)
     w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"}
-    names |= {"self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    names |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp"}
+    names = QWEN3_LAYER_NAMES | {"mlp.gate": "ffn_gate_inp"}
     w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     w.add_tensor("output.weight", state["lm_head.weight"])
     w.add_tensor("output_norm.weight", state["model.norm.weight"])
