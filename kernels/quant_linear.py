@@ -255,7 +255,8 @@ class GroupedInt8Linear(Int8Linear):
         xf = x.float()
         rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
         pieces = zip(self.qweight.split(rows), self.scale.split(rows))
-        return torch.cat([F.linear(xf, _grouped_float(q, s)) for q, s in pieces], dim=-1).to(x.dtype)
+        # fp32 pieces in a bfloat16 model too (its scales are bf16 there): F.linear needs one dtype.
+        return torch.cat([F.linear(xf, _grouped_float(q, s.float())) for q, s in pieces], dim=-1).to(x.dtype)
 
 
 class GroupedInt8Embedding(Int8Embedding):

@@ -353,6 +353,24 @@ def test_a_decode_rows_values_do_not_depend_on_the_steps_size(tiny_gguf, quant, 
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("quant", MODES)
+def test_every_quant_mode_serves_a_bfloat16_model(tiny_gguf, quant, tmp_path, monkeypatch):
+    """`dtype=auto` is bfloat16 on CPUs with AVX-512 BF16 or AMX, and a quantized model's several-row products
+    ran there only by accident: the grouped int8 head's fp32 activations met its bf16 float pieces and every
+    step of more than 8 rows failed (`LLM()` with 12 prompts, 2026-12-05). Prefill steps of 12 prompts take the
+    several-row paths, decode steps the one-row ones; greedy tokens stay close to the fp32 model's."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    ids = [[(37 * i + 11 * j) % 200 + 50 for j in range(10)] for i in range(12)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(str(tiny_gguf), dtype=dtype, enforce_eager=True, progress_bar=False, quant=quant, cache="none")
+        outputs[dtype] = [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)]
+        llm.shutdown()
+    assert all(len(t) == 6 for t in outputs["bfloat16"])
+    assert sum(a == b for a, b in zip(outputs["float32"], outputs["bfloat16"])) >= 8, outputs  # 9-11 of 12 seen
+
+
 def _decode_steps_of_either_size(tiny_gguf: Path, quant: str) -> None:
     llm = LLM(str(tiny_gguf), dtype="float32", enforce_eager=True, progress_bar=False, quant=quant, cache="none")
     if llm.engine.runner.decode_step_rows is None:
@@ -467,17 +485,16 @@ print(repr((peak - start, weight_bytes(engine.model) + kv, kinds)))
 @pytest.mark.slow
 def test_smollm2_gguf_auto_loads_in_little_memory(tmp_path):
     """The embedded Q4_1 file under the default quant=auto: int4 layers and its Q8_0 head as it is (grouped
-    int8), and the peak resident
-    memory of a load within a bound of its quantized weights plus its KV pool. The issue's bound, 1.3x, holds
-    once the engine cache has the converted model (measured 1.17x; mapped by safetensors, 2.0x); the first load,
-    converting the file, measured 1.55x (the dequantized pieces' temporaries, the header's index)."""
+    int8), and the peak resident memory of a load within the issue's bound, 1.3x its quantized weights plus its KV
+    pool: measured 1.26x for the first load (converting the file: 1.49x while its tensors were read through the
+    mapping) and 1.15x once the engine cache has the converted model (mapped by safetensors, 2.0x)."""
     env = {**os.environ, "ENGINE_CACHE_DIR": str(tmp_path)}
-    for load, bound in (("first", 1.8), ("cached", 1.3)):
+    for load in ("first", "cached"):
         done = subprocess.run([sys.executable, "-c", LOAD_PEAK], env=env, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
         grown, budget, kinds = eval(done.stdout.strip().splitlines()[-1])
         assert kinds == ["GroupedInt8Embedding", "GroupedInt8Linear", "Int4Linear"]
-        assert grown <= bound * budget, (load, grown / budget)
+        assert grown <= 1.3 * budget, (load, grown / budget)
 
 
 @pytest.mark.parametrize("width", [256, 64], ids=["narrower-checkpoint", "wider-checkpoint"])

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import logging
-import mmap
 import os
 import shutil
 import struct
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -288,6 +288,7 @@ class GGUFTensor:
     tensor: GGUFTensorInfo
     head_dim: int
     permuted: bool  # llama.cpp's rotary row order (Q and K of llama models)
+    path: Path  # the file
     shift: float = 0.0  # added to the values: llama.cpp stores Gemma's norm weights as 1 + w
 
     @property
@@ -307,16 +308,28 @@ class GGUFTensor:
         import gguf
 
         # Quantized blocks run along a row, so whole rows dequantize on their own.
-        w = torch.from_numpy(gguf.dequantize(self.tensor.data[part[0]], self.tensor.tensor_type).copy())
+        w = torch.from_numpy(self._converted(part[0], lambda b: gguf.dequantize(b, self.tensor.tensor_type)))
         return self._rows_in_hf_order(w + self.shift if self.shift else w)[(slice(None),) + part[1 : w.dim()]]
 
     def int4_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values, scales, offsets) of whole rows of a Q4_0/Q4_1/Q4_K tensor, without loss."""
-        return tuple(self._rows_in_hf_order(t) for t in int4_groups(self.tensor.data[rows], self.type_name))
+        return tuple(self._rows_in_hf_order(t) for t in self._converted(rows, lambda b: int4_groups(b, self.type_name)))
 
     def int8_groups(self, rows: slice, tensor_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, scales) of whole rows of a Q8_0/Q5_0/Q4_0 tensor, without loss."""
-        return tuple(self._rows_in_hf_order(t) for t in int8_groups(self.tensor.data[rows], tensor_type))
+        return tuple(self._rows_in_hf_order(t) for t in self._converted(rows, lambda b: int8_groups(b, tensor_type)))
+
+    def _converted(self, rows: slice, convert: Callable[[np.ndarray], Any]) -> Any:
+        """`convert` of the bytes of `rows`, read from the file rather than through its mapping: mapped pages
+        stay resident until given back, and the kernel maps the neighbours of each page read (fault-around), so
+        handing back each piece's own pages still left 25 MB of SmolLM2's file resident at a first load's peak."""
+        data = self.tensor.data
+        first, last, _ = rows.indices(data.shape[0])
+        with open(self.path, "rb") as f:
+            f.seek(self.tensor.data_offset + first * data.strides[0])
+            piece = bytearray((last - first) * data.strides[0])  # writable: F32 rows are used as they are
+            f.readinto(piece)
+        return convert(np.frombuffer(piece, data.dtype).reshape(last - first, *data.shape[1:]))
 
     def _rows_in_hf_order(self, w: torch.Tensor) -> torch.Tensor:
         # Rows are sliced by whole heads, and the permutation stays inside a head.
@@ -331,18 +344,7 @@ def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]
         if name is not None:
             permuted = cfg.architecture == "llama" and t.name.rsplit(".", 1)[0].endswith(("attn_q", "attn_k"))
             shift = -1.0 if cfg.gemma and t.name.endswith("norm.weight") else 0.0
-            yield name, GGUFTensor(t, cfg.head_dim, permuted, shift)
-            _drop_pages(reader, t)  # the consumer is done with it
-
-
-def _drop_pages(reader: GGUFIndex, t: GGUFTensorInfo) -> None:
-    """Let the kernel reclaim the mapped file pages of a tensor already loaded: otherwise the whole file
-    stays resident next to the model built from it (SmolLM2: +98 MB of peak RSS)."""
-    if not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-    end = -(-(t.data_offset + t.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
-    reader.mapping.madvise(mmap.MADV_DONTNEED, start, min(end, len(reader.mapping)) - start)
+            yield name, GGUFTensor(t, cfg.head_dim, permuted, path, shift)
 
 
 def _hf_name(gguf_name: str, names: dict[str, str]) -> str | None:
