@@ -365,7 +365,10 @@ def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
 @pytest.mark.slow
 def test_smollm2_default_weights_speculate_token_identically():
     """The real SmolLM2 in the default config (quant=auto: int4 layers, int8 head; compiled): prompt lookup on
-    answers that copy their prompt gives spec=none's greedy tokens, verification steps included."""
+    answers that copy their prompt gives spec=none's greedy tokens, verification steps included. In fp32, what
+    `dtype=auto` is on AVX2 CPUs: where it is bf16 (AVX-512 BF16, AMX) the verification rows and plain decode rows
+    round differently (bf16 attention and head products) and one answer of the workload parted after 22 tokens
+    (2026-12-05, issue #29)."""
     import sys
     from pathlib import Path
 
@@ -374,7 +377,7 @@ def test_smollm2_default_weights_speculate_token_identically():
 
     outputs, stats = {}, {}
     for spec in ("none", "ngram"):
-        llm = LLM(spec=spec, progress_bar=False, cache="none", **ALWAYS)
+        llm = LLM(spec=spec, progress_bar=False, cache="none", dtype="float32", **ALWAYS)
         messages = [[{"role": "user", "content": text}] for text in WORKLOADS["copy"]]
         outs = llm.chat_outputs(messages, SamplingParams(max_tokens=48, temperature=0))
         outputs[spec] = [o.outputs[0].token_ids for o in outs]
