@@ -1,5 +1,6 @@
-"""A GGUF file's metadata and tensor index, read straight from the memory-mapped file; the tensors' bytes stay
-mapped until a loader reads them.
+"""A GGUF file's metadata and tensor index, read straight from the memory-mapped file. Each tensor's `data` is a
+view of the mapping (its shape, dtype and offsets); the engine's loader reads the bytes from the file instead
+(engine/models/loader.py `GGUFTensor._converted`), so that the mapped pages never count as its memory.
 
 gguf's own `GGUFReader` keeps a numpy view of every metadata item, one per vocabulary entry: 167 MB of resident
 memory for SmolLM2's 98 MB file as long as the reader lives, more than its quantized weights (108 MB). Here the
