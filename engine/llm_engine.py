@@ -28,7 +28,7 @@ from engine.prefix_cache import PrefixCache
 from engine.progress import slow_step
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, check_request
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 from engine.spec.base import Proposer
 from engine.spec.governor import Governor
@@ -189,7 +189,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
-        decoding = self.governor is not None and self._is_decoding(batch)
+        decoding = self.governor is not None and batch.is_decoding
         start = time.perf_counter()
         with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
             logits, rows, prompt_logprobs = self.runner.run(batch)
@@ -229,14 +229,6 @@ class LLMEngine:
             if draft and seq.matcher is not None:
                 draft = draft[: seq.matcher.validate_tokens(draft)]
             seq.draft_token_ids = draft
-
-    @staticmethod
-    def _is_decoding(batch: ScheduledBatch) -> bool:
-        """Every row decodes (its one known token, perhaps a draft after it): a step the governor compares."""
-        return all(
-            n == 1 + len(s.draft_token_ids) and s.num_computed_tokens + 1 == s.num_tokens
-            for s, n in zip(batch.seqs, batch.num_new_tokens)
-        )
 
     def _verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[StepOutput]:
         """Sample each sequence's next token; a speculating one then samples again after each draft token its

@@ -55,6 +55,35 @@ class StepPlan:
 
 
 @dataclass
+class _TokenRow:
+    """One token of a verification step (a sequence's last known token, or a draft token after it) as a
+    decode row of its own: what `_paged_batch` and the decode graphs read of a sequence."""
+
+    num_computed_tokens: int  # the token's position
+    token: int
+    pages: list[int]
+    window_pages: list[int]
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_computed_tokens + 1
+
+    def scheduled_tokens(self, start: int, n: int) -> list[int]:
+        return [self.token]
+
+
+def _token_rows(batch: ScheduledBatch) -> ScheduledBatch:
+    """A decoding batch (`is_decoding`) as a decode-only one: a row per scheduled token, in order."""
+    rows = []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        start = seq.num_computed_tokens
+        for i, token in enumerate(seq.scheduled_tokens(start, n)):
+            rows.append(_TokenRow(start + i, token, seq.pages, seq.window_pages))
+    return ScheduledBatch(rows, [1] * len(rows))
+
+
+@dataclass
 class _PromptLogprobJob:
     row: int  # index in the scheduled batch
     first: int  # logits of positions [first, last) predict prompt tokens first+1 .. last
@@ -242,6 +271,12 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step (a speculating row's 1 + draft length of them, in order),
         which rows those are, and prompt logprobs by row."""
+        if batch.is_decoding and not batch.is_decode_only:
+            # A verification runs as the decode step of one row per token, so each token's values are those a
+            # plain decode step gives it (same attention kernel, same one-row products) and greedy speculation
+            # stays token-identical to plain decoding. Through the prefill graph (SDPA over a sequence's several
+            # queries), bfloat16 rounding parted them after 22 tokens on SmolLM2 (2026-12-05).
+            return self.run(_token_rows(batch))[0], batch.sampling_rows, {}
         graphs, seqs, rows = self.decode_graphs, batch.seqs, self.decode_step_rows
         if rows is not None and batch.is_decode_only and len(seqs) > rows:
             parts = [
@@ -251,7 +286,8 @@ class ModelRunner:
             return torch.cat([self.run(part)[0] for part in parts]), batch.sampling_rows, {}
         if graphs is not None and batch.is_decode_only and graphs.bucket(len(seqs)) is not None:
             positions = [s.num_computed_tokens for s in seqs]
-            logits = graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, [s.pages for s in seqs])
+            tokens = [s.scheduled_tokens(p, 1)[0] for s, p in zip(seqs, positions)]
+            logits = graphs.run(tokens, positions, [s.pages for s in seqs])
             return logits[: len(seqs)], batch.sampling_rows, {}
         plan, sampling_rows, jobs = self.plan(batch)
         if self.tp.size > 1:

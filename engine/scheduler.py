@@ -27,6 +27,14 @@ class ScheduledBatch:
         return all(n == 1 for n in self.num_new_tokens)
 
     @property
+    def is_decoding(self) -> bool:
+        """Every row decodes: its one known token, and perhaps a draft after it (no prompt tokens)."""
+        return all(
+            n == 1 + len(s.draft_token_ids) and s.num_computed_tokens + 1 == s.num_tokens
+            for s, n in zip(self.seqs, self.num_new_tokens)
+        )
+
+    @property
     def sampling_rows(self) -> list[int]:
         """Rows whose last scheduled token ends their known tokens (or their draft): they sample this step."""
         return [

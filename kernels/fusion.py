@@ -22,3 +22,16 @@ def stored(x: torch.Tensor) -> torch.Tensor:
       3.89 -> 2.67 s of a 12-13 s run, 4.28x -> 5.28x transformers (median of 3 rounds).
     """
     return x.as_strided(x.shape, x.stride())
+
+
+def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 `x` rounded to the nearest bfloat16 (ties to even) where `dtype` is bfloat16, staying fp32. Inductor
+    drops a `.to(bfloat16).float()` round trip inside a fused kernel, so whether a value was rounded depended on
+    where the kernels were cut: a bf16 model's batch-1 decode graph fed a one-row product SiLU(gate) * up
+    unrounded, its 4-row graph rounded, and a row's logits differed between the two (a speculative verification
+    and a plain decode step parted; eager rounds everywhere). Integer arithmetic on the bits is not dropped.
+    Inductor's `emulate_precision_casts` rounds every cast instead; it cost 40% of SmolLM2's decode speed."""
+    if dtype != torch.bfloat16:
+        return x
+    bits = x.view(torch.int32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000).view(torch.float32)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels.fusion import stored
+from engine.kernels.fusion import rounded, stored
 
 GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2), so the one-row reduction reads each
@@ -80,6 +80,19 @@ def each_row(one_row: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     rows = next(r for r in FEW_ROW_BUCKETS if m <= r)  # a guard: one graph per bucket
     padded = F.pad(x, (0, 0, 0, rows - m))
     return torch.cat([one_row(padded[i : i + 1]) for i in range(rows)])[:m]
+
+
+def float_row(x: torch.Tensor) -> torch.Tensor:
+    """A one-row product's input in fp32, stored once (`stored`), holding exactly x's values in x's dtype
+    (`rounded`: compiled, a lone row's input could otherwise be its producer's unrounded fp32 result while a
+    padded row of `each_row` read it rounded)."""
+    return stored(rounded(x.float(), x.dtype))
+
+
+def _out_row(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A one-row product's fp32 sums [N] as the row [1, N] in the model's dtype, rounded where its consumer
+    would otherwise read them unrounded (see `float_row`)."""
+    return rounded(y, dtype).unsqueeze(0).to(dtype)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +182,8 @@ class Int8Linear(nn.Module):
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # One row (batch-1 decode): a reduction inductor fuses with the int8 -> float conversion, the
         # activations staying float; 82 tok/s for SmolLM2 here against 72 through `_int_mm` below.
-        xf = x.float()
-        return ((stored(xf) * self.qweight.to(xf.dtype)).sum(-1) * self.scale).unsqueeze(0).to(x.dtype)
+        xf = float_row(x)
+        return _out_row((xf * self.qweight.to(xf.dtype)).sum(-1) * self.scale, x.dtype)
 
     def _several_rows(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -248,8 +261,7 @@ class GroupedInt8Linear(Int8Linear):
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # Each weight scaled inside the one reduction: SmolLM2's head as fast as int8's (44.4 vs 43.6 ms, both
         # compiled, a busy machine); a sum per group, then the scales, took 48.1.
-        xf = x.float()
-        return (stored(xf) * _grouped_float(self.qweight, self.scale)).sum(-1).unsqueeze(0).to(x.dtype)
+        return _out_row((float_row(x) * _grouped_float(self.qweight, self.scale)).sum(-1), x.dtype)
 
     def _several_rows(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -359,10 +371,10 @@ class Int4Linear(nn.Module):
         # inductor vectorises poorly (5.1 vs 7.0 ms for SmolLM2's int4 layers, out of cache).
         # In fp32 whatever the model's dtype: in bf16 the cancelling terms lose the low nibble (a bf16 model's
         # greedy tokens agreed with fp32 for 2 of 12 prompts instead of 9-11).
-        xg = stored(x.float()).reshape(1, -1, 2, GROUP // 2, 1)  # [1, G, 2, 16, 1]
+        xg = float_row(x).reshape(1, -1, 2, GROUP // 2, 1)  # [1, G, 2, 16, 1]
         x_lo, x_hi = xg[:, :, 0], xg[:, :, 1]
         b = self.packed.to(xg.dtype)  # [T, G, 16, TILE]
         dots = (x_lo * b + stored(x_hi - 16 * x_lo) * torch.floor(b * (1 / 16))).sum(2)  # [T, G, TILE]
         sums = xg.sum(dim=(2, 3))  # [1, G, 1]
         out = (dots * self.scale + sums * self.offset).sum(1)  # [T, TILE]
-        return out.reshape(1, -1)[:, : self.out_features].to(x.dtype)
+        return _out_row(out.reshape(-1)[: self.out_features], x.dtype)
