@@ -367,9 +367,10 @@ def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
 def test_verification_rows_compute_what_decode_rows_compute(dtype, eager, tmp_path, monkeypatch):
     """Bit for bit: a verification step runs as a decode step of one row per token, so the logprob of every
     token, kept from a verification or from a plain decode step, is the one spec=none gives it (through the
-    prefill graph, 3 of these 4 cases failed, fp32 included). The model is quantized throughout (int4 layers,
-    int8 heads: each of up to 8 rows is computed as a lone row; a float GEMM's bits depend on its row count),
-    and two sequences decode together: compiled in bf16, the batch-1 graph still rounds differently (#29)."""
+    prefill graph, 3 of these 4 cases failed, fp32 included; compiled in bf16 the batch-1 graph parted too until
+    the residual stream and the one-row products were rounded explicitly, kernels/fusion.py `rounded`). The
+    model is quantized throughout (int4 layers, int8 heads: each of up to 8 rows is computed as a lone row; a
+    float GEMM's bits depend on its row count)."""
     from test_quantization import write_tiny_gguf
 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
@@ -380,7 +381,7 @@ def test_verification_rows_compute_what_decode_rows_compute(dtype, eager, tmp_pa
     runs, stats = {}, {}
     for name, extra in (("none", {}), ("ngram", {"spec": "ngram", **ALWAYS, **spec})):
         llm = LLM(str(path), dtype=dtype, quant="int4", cache="none", enforce_eager=eager, progress_bar=False, **extra)
-        outs = llm.generate_outputs(prompts, params)
+        outs = llm.generate_outputs(prompts, params) + llm.generate_outputs(prompts[:1], params)  # batch 2, 1
         runs[name] = [[(t, lp) for t, (lp, _) in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
         stats[name] = llm.engine.stats()
         llm.shutdown()
@@ -390,11 +391,10 @@ def test_verification_rows_compute_what_decode_rows_compute(dtype, eager, tmp_pa
 
 @pytest.mark.slow
 def test_smollm2_default_weights_speculate_token_identically():
-    """The real SmolLM2 in the default config (quant=auto: int4 layers, int8 head; compiled): prompt lookup on
-    answers that copy their prompt gives spec=none's greedy tokens, verification steps included. In fp32, what
-    `dtype=auto` is on AVX2 CPUs. In bf16 (AVX-512 BF16, AMX) verification rows now run as decode rows and match
-    them bit for bit from 2 rows on, but the batch-1 decode graph, compiled one layer for all (compile.regional),
-    still rounds differently from the several-row one; one answer parted after 22 tokens (2026-12-05, #29)."""
+    """The real SmolLM2 in the default config (quant=auto: int4 layers, int8 head; compiled; `dtype=auto`, so
+    bf16 on CPUs with AVX-512 BF16 or AMX): prompt lookup on answers that copy their prompt gives spec=none's
+    greedy tokens, verification steps included. In bf16 one answer parted after 22 tokens until verification
+    rows ran as decode rows and bf16 values were rounded where inductor had dropped it (2026-12-05, #29)."""
     import sys
     from pathlib import Path
 
@@ -403,7 +403,7 @@ def test_smollm2_default_weights_speculate_token_identically():
 
     outputs, stats = {}, {}
     for spec in ("none", "ngram"):
-        llm = LLM(spec=spec, progress_bar=False, cache="none", dtype="float32", **ALWAYS)
+        llm = LLM(spec=spec, progress_bar=False, cache="none", **ALWAYS)
         messages = [[{"role": "user", "content": text}] for text in WORKLOADS["copy"]]
         outs = llm.chat_outputs(messages, SamplingParams(max_tokens=48, temperature=0))
         outputs[spec] = [o.outputs[0].token_ids for o in outs]

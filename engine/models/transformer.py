@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.fusion import rounded
 from engine.kernels.paged import LayerCache, PagedAttentionBase
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
 
@@ -153,7 +154,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before scaling, exactly as transformers does, so bf16 matches.
         dtype = x.dtype
-        x = x.float()
+        x = rounded(x.float(), dtype)  # a residual add fused into this kernel is otherwise left unrounded
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -162,7 +163,7 @@ class GemmaRMSNorm(RMSNorm):
     """Gemma's convention: the weight is stored as w - 1, and the scaling happens in fp32 before the cast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float()
+        out = rounded(x.float(), x.dtype)
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * (1.0 + self.weight.float())).to(x.dtype)
 
@@ -414,6 +415,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache, meta: Any
     ) -> torch.Tensor:
+        # The residual stream as the model's dtype holds it: inductor dropped the bf16 rounding of the layer
+        # before's output where its graph fused across the layers (batch-1 decode under compile.regional), so
+        # that graph and the several-row one disagreed (kernels/fusion.py `rounded`).
+        x = rounded(x.float(), x.dtype).to(x.dtype)
         attn = self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
         if not self.sandwich:
             x = x + attn
