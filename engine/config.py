@@ -248,6 +248,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     progress_bar: bool = True
+    batch_invariant: bool = False  # kernels/row_invariant.py
 
     def __post_init__(self) -> None:
         _require(
@@ -271,6 +272,16 @@ class EngineConfig:
             self.quant.kwargs.get("format"),
             "the quantized kernels are written for the CPU: on a GPU use quant=none (or auto, which loads float "
             "weights there)",
+        )
+
+        _require(
+            isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant, "must be true or false"
+        )
+        _require(
+            not self.batch_invariant or (self.device == "cpu" and self.parallel.tp == 1),
+            "batch_invariant",
+            self.batch_invariant,
+            f"is built for one CPU process (device={self.device}, parallel.tp={self.parallel.tp})",
         )
 
         _check_spec(self.spec.kwargs)
@@ -317,7 +328,7 @@ class EngineConfig:
             server=ServerConfig(**raw["server"]),
             quant=_component("quant", raw["quant"]),
             spec=_component("spec", raw["spec"]),
-            **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar")},
+            **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar", "batch_invariant")},
         )
 
 

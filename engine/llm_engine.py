@@ -68,7 +68,9 @@ class LLMEngine:
                 mc.num_layers - len(self.pool.window_layers),
             )
         s = cfg.scheduler
-        self.scheduler = Scheduler(self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.kv, s.policy.build(), s.max_running_requests, s.max_num_batched_tokens, cfg.batch_invariant
+        )
         self.sampler = Sampler(cfg.seed)
         self.proposer: Proposer = cfg.spec.build()
         self.proposer.attach(cfg, mc.vocab_size)

@@ -15,10 +15,11 @@ every rank executes the same plan on its shard of the model.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from engine.kernels.paged import (
     opaque_attention_step,
 )
 from engine.kernels.quant_linear import FEW_ROWS, rows_alone_are_faster
+from engine.kernels.row_invariant import make_batch_invariant, prompt_rows
 from engine.kv_cache import SCRATCH_PAGE, KVPool
 from engine.models.loader import build_model
 from engine.models.source import ModelSource
@@ -104,6 +106,7 @@ class ModelRunner:
         prefill_tokens: int,
         max_model_len: int,
         windowed: bool = False,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -118,7 +121,14 @@ class ModelRunner:
         # Quantized decode steps of more sequences than FEW_ROWS run as steps of FEW_ROWS rows where no integer
         # GEMM is fast: every row then goes through the one-row kernels, so its values do not depend on the
         # batch (kernels/quant_linear.py `rows_alone_are_faster` has the speed measured).
-        self.decode_step_rows = FEW_ROWS if device.type == "cpu" and rows_alone_are_faster(model) else None
+        # Batch-invariant mode (kernels/row_invariant.py) keeps every decode step that small: its decode rows go
+        # through the few-row paths only.
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            make_batch_invariant(model)
+            compile_cfg = replace(compile_cfg, prefill=False)  # prompt rows: eager calls of fixed shape
+        few = device.type == "cpu" and (batch_invariant or rows_alone_are_faster(model))
+        self.decode_step_rows = FEW_ROWS if few else None
         self.graphs = StepGraphs(
             model,
             self._logits_at_every_token,
@@ -256,14 +266,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        if plan.logit_rows is None and plan.compiled:
+        if plan.logit_rows is None and (plan.compiled or self.batch_invariant):
+            # Batch-invariant, an eager decode step attends through the decode kernel too: SDPA's padded call
+            # over a step's decode rows depends on the longest context among them.
             meta = DecodeStep(self.backend.prepare_decode(plan.batch))
-            return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
+            if plan.compiled:
+                return self.graphs.decode(plan.input_ids, plan.batch.positions, meta)
+            with self.graphs.eager():
+                return self._logits_at_every_token(plan.input_ids, plan.batch.positions, meta)
         meta = self.backend.prepare(plan.batch)
         if plan.compiled:
             with opaque_attention_step(self.backend, meta):
                 return self.graphs.prefill(plan.input_ids, plan.batch.positions, plan.logit_rows)
-        with self.graphs.eager():
+        with self.graphs.eager(), prompt_rows() if self.batch_invariant else contextlib.nullcontext():
             if plan.logit_rows is None:
                 return self._logits_at_every_token(plan.input_ids, plan.batch.positions, meta)
             return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)
@@ -358,6 +373,7 @@ def build_runner(
         cfg.scheduler.max_num_batched_tokens,
         max_model_len(cfg, mc, pool),
         windowed=bool(windowed),
+        batch_invariant=cfg.batch_invariant,
     )
     return runner, pool
 

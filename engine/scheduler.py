@@ -5,6 +5,11 @@ an unfinished prefill continues with a chunk), then waiting ones are admitted in
 the budget, the running limit and free KV pages allow. A sequence that cannot get a page for its next
 token preempts the newest running sequence, whose pages go back (cached where reusable) and which
 later recomputes its prompt and output so far.
+
+Batch-invariant (config `batch_invariant`, kernels/row_invariant.py): a step holds decode rows or prompt rows,
+never both (they take turns when both wait), and a prompt is cut into chunks at fixed positions (multiples of
+the token budget), each scheduled whole: a prompt row then sees the same chunk, and so the same attention
+call, alone or in any batch.
 """
 
 from __future__ import annotations
@@ -48,7 +53,12 @@ class Scheduler:
     """Limits come validated from `SchedulerConfig`; the policy orders admission (engine/policies/)."""
 
     def __init__(
-        self, kv: KVManager, policy: AdmissionPolicy, max_running_requests: int, max_num_batched_tokens: int
+        self,
+        kv: KVManager,
+        policy: AdmissionPolicy,
+        max_running_requests: int,
+        max_num_batched_tokens: int,
+        batch_invariant: bool = False,
     ) -> None:
         self.kv = kv
         self.policy = policy
@@ -57,6 +67,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.batch_invariant = batch_invariant
+        self._prompt_turn = False  # batch-invariant: whether prompt rows go next when decode rows wait too
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -92,7 +104,34 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of the sequence's uncomputed tokens this step computes (0: none fit)."""
+        start, remaining = seq.num_computed_tokens, seq.num_tokens - seq.num_computed_tokens
+        if not self.batch_invariant:
+            return min(remaining, budget)
+        end = min(seq.num_tokens, (start // self.token_budget + 1) * self.token_budget)
+        return end - start if end - start <= budget else 0
+
+    def _kind(self) -> bool | None:
+        """Batch-invariant: True for a step of prompt rows, False for one of decode rows; None otherwise."""
+        if not self.batch_invariant:
+            return None
+        decoding = [s.num_tokens - s.num_computed_tokens == 1 for s in self.running]
+        prompts = bool(self.waiting) or not all(decoding)
+        self._prompt_turn = prompts and (not any(decoding) or not self._prompt_turn)
+        return self._prompt_turn
+
     def schedule(self) -> ScheduledBatch:
+        prompts = self._kind()
+        batch, preempted = self._schedule(prompts)
+        if prompts and not batch.seqs and not preempted:  # no prompt fits: the decode rows go meanwhile
+            self._prompt_turn = False
+            batch, _ = self._schedule(False)
+        return batch
+
+    def _schedule(self, prompts: bool | None) -> tuple[ScheduledBatch, bool]:
+        """The step's rows: only prompt rows (`prompts` True), only decode rows (False), or any (None); and
+        whether a sequence was preempted for them."""
         budget = self.token_budget
         seqs: list[Sequence] = []
         counts: list[int] = []
@@ -103,7 +142,11 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted by an earlier sequence in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if prompts is not None and prompts == (seq.num_tokens - seq.num_computed_tokens == 1):
+                continue  # the other kind of row
+            n = self._chunk(seq, budget)
+            if n == 0:
+                continue
             while not self.kv.ensure_capacity(seq, seq.num_computed_tokens + n):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
@@ -118,17 +161,17 @@ class Scheduler:
             budget -= n
 
         # Admitting while others were just preempted for lack of pages would only thrash.
-        if not preempted:
+        if not preempted and prompts is not False:
             self.waiting = deque(self.policy.order(list(self.waiting), self.kv))
             while self.waiting and budget > 0 and len(self.running) < self.max_running:
                 seq = self.waiting[0]
-                if not self.kv.admit(seq, budget):
+                if self._chunk(seq, budget) == 0 or not self.kv.admit(seq, budget):
                     break
                 self.waiting.popleft()
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                n = self._chunk(seq, budget)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-        return ScheduledBatch(seqs, counts)
+        return ScheduledBatch(seqs, counts), preempted

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.fusion import rounded, stored
+from engine.kernels.row_invariant import PROMPT_ROWS, in_calls, in_prompt_step
 
 GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2), so the one-row reduction reads each
@@ -76,6 +77,8 @@ def each_row(one_row: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     """`one_row` applied to every row of `x` (at most FEW_ROWS of them), stacked."""
     m = x.shape[0]
     if not torch.compiler.is_compiling():  # eager: exactly the rows there are
+        if m == 0:  # a prefill chunk that samples nothing: an empty output of the right width
+            return one_row(x.new_zeros(1, *x.shape[1:]))[:0]
         return torch.cat([one_row(x[i : i + 1]) for i in range(m)])
     rows = next(r for r in FEW_ROW_BUCKETS if m <= r)  # a guard: one graph per bucket
     padded = F.pad(x, (0, 0, 0, rows - m))
@@ -93,6 +96,62 @@ def _out_row(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A one-row product's fp32 sums [N] as the row [1, N] in the model's dtype, rounded where its consumer
     would otherwise read them unrounded (see `float_row`)."""
     return rounded(y, dtype).unsqueeze(0).to(dtype)
+
+
+def invariant_product(
+    x: torch.Tensor,
+    few_rows: Callable[[torch.Tensor], torch.Tensor],
+    prompt_rows: Callable[[torch.Tensor], torch.Tensor],
+    head: bool,
+) -> torch.Tensor:
+    """Batch-invariant mode (kernels/row_invariant.py): x's rows through `few_rows` (at most FEW_ROWS rows per
+    call, each computed as a lone row or as one of exactly FEW_ROWS), unless they are a layer's prompt rows,
+    which go through `prompt_rows` (GEMM calls of PROMPT_ROWS rows). The head's rows always take the few-row
+    path: they are the rows that sample, a handful per step."""
+    if head or not in_prompt_step():
+        if x.shape[0] <= FEW_ROWS:  # compiled: always (decode steps are split to FEW_ROWS rows)
+            return few_rows(x)
+        return torch.cat([few_rows(c) for c in x.split(FEW_ROWS)])
+    return prompt_rows(x)
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: bool) -> torch.Tensor:
+    """F.linear with a float weight, batch-invariantly (`invariant_product`)."""
+
+    def linear(rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(rows, weight, bias)
+
+    return invariant_product(
+        x, lambda c: in_calls(linear, c, FEW_ROWS), lambda c: in_calls(linear, c, PROMPT_ROWS), head
+    )
+
+
+class RowPaths:
+    """The choice between a quantized layer's one-row path (`_one_row`: one row, or each of a few rows alone) and
+    its several-row path (`_several_rows(x, gemm)`, `gemm(a, b)` = a @ b): by row count, or by the kind of
+    row where `invariant` is set (kernels/row_invariant.py `make_batch_invariant`)."""
+
+    invariant: str | None = None  # None, "rows" or "head"
+    bias: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant is not None:
+            out = invariant_product(
+                x, self._few_rows, lambda c: self._several_rows(c, _prompt_gemm), self.invariant == "head"
+            )
+        elif x.shape[0] <= FEW_ROWS:
+            out = self._few_rows(x)
+        else:
+            out = self._several_rows(x, torch.mm)
+        return out if self.bias is None else out + self.bias
+
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return self._one_row(x) if x.shape[0] == 1 else each_row(self._one_row, x)
+
+
+def _prompt_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in calls of PROMPT_ROWS rows of a (padded)."""
+    return in_calls(lambda rows: rows @ b, a, PROMPT_ROWS)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +206,7 @@ class Int8Experts(nn.Module):
         return self.qweight[e].to(self.scale.dtype) * self.scale[e, :, None]
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(RowPaths, nn.Module):
     """`digits`: int8 digits per activation in the several-row path (2: ~15 bits, 1: plain W8A8)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, digits: int = 2) -> None:
@@ -170,26 +229,17 @@ class Int8Linear(nn.Module):
         """The weight [N, K] in the scales' dtype."""
         return self.qweight.to(self.scale.dtype) * self.scale.unsqueeze(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            out = self._one_row(x)
-        elif x.shape[0] <= FEW_ROWS:
-            out = each_row(self._one_row, x)
-        else:
-            out = self._several_rows(x)
-        return out if self.bias is None else out + self.bias
-
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # One row (batch-1 decode): a reduction inductor fuses with the int8 -> float conversion, the
         # activations staying float; 82 tok/s for SmolLM2 here against 72 through `_int_mm` below.
         xf = float_row(x)
         return _out_row((xf * self.qweight.to(xf.dtype)).sum(-1) * self.scale, x.dtype)
 
-    def _several_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
         xf = x.float()
         if not INT8_GEMM:
             rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
-            pieces = [F.linear(xf, w.to(xf.dtype)) for w in self.qweight.split(rows)]
+            pieces = [gemm(xf, w.to(xf.dtype).t()) for w in self.qweight.split(rows)]
             return (torch.cat(pieces, dim=-1) * self.scale).to(x.dtype)
         # Each activation is written as two int8 digits per token (hi * step + lo * step / 254) and both
         # rows go through one `_int_mm`: the weight is read once, as with plain W8A8, at twice the
@@ -263,12 +313,12 @@ class GroupedInt8Linear(Int8Linear):
         # compiled, a busy machine); a sum per group, then the scales, took 48.1.
         return _out_row((float_row(x) * _grouped_float(self.qweight, self.scale)).sum(-1), x.dtype)
 
-    def _several_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
         xf = x.float()
         rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
         pieces = zip(self.qweight.split(rows), self.scale.split(rows))
-        # fp32 pieces in a bfloat16 model too (its scales are bf16 there): F.linear needs one dtype.
-        return torch.cat([F.linear(xf, _grouped_float(q, s.float())) for q, s in pieces], dim=-1).to(x.dtype)
+        # fp32 pieces in a bfloat16 model too (its scales are bf16 there): one dtype per product.
+        return torch.cat([gemm(xf, _grouped_float(q, s.float()).t()) for q, s in pieces], dim=-1).to(x.dtype)
 
 
 class GroupedInt8Embedding(Int8Embedding):
@@ -310,7 +360,7 @@ def _grouped_float(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.to(scale.dtype).unflatten(-1, (-1, GROUP)) * scale.unsqueeze(-1)).flatten(-2)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(RowPaths, nn.Module):
     """Buffers in tiles of TILE neighbouring output rows, so that a one-row product reads each tile's
     bytes as one contiguous run: packed [T, G, 16, TILE] (`pack_int4`'s bytes), scale and offset
     [T, G, TILE]. out_features is padded up to whole tiles and the padding sliced off the output."""
@@ -355,14 +405,8 @@ class Int4Linear(nn.Module):
         w = q * self.scale.unsqueeze(2) + self.offset.unsqueeze(2)
         return w.permute(1, 2, 0, 3).reshape(self.in_features, -1)[:, : self.out_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            out = self._one_row(x)
-        elif x.shape[0] <= FEW_ROWS:
-            out = each_row(self._one_row, x)
-        else:
-            out = x @ self.dequantized_t()
-        return out if self.bias is None else out + self.bias
+    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return gemm(x, self.dequantized_t())
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # x . w = sum over groups of scale * (x_g . q_g) + offset * sum(x_g): the nibbles are read once.

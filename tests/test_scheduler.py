@@ -146,3 +146,28 @@ def test_finish_and_abort_free_pages_wherever_the_sequence_is():
     sched.finish(running, "stop")
     assert not sched.has_work() and pages_all_back(sched)
     assert {s.status for s in (running, chunked, waiting)} == {Status.FINISHED}
+
+
+def test_batch_invariant_steps_never_mix_decode_and_prompt_rows_and_cut_prompts_at_fixed_places():
+    """`batch_invariant`: a step holds decode rows or prompt rows, taking turns while both wait, and a prompt's
+    chunks end at multiples of the budget (or at its end) whatever else arrived, so a prompt row sees the
+    same chunk alone and in any batch."""
+    sched = make(num_pages=128, budget=16)
+    sched.batch_invariant = True
+    seqs = [seq(10), seq(40), seq(10), seq(23)]
+    chunk_ends: dict[str, list[int]] = {s.seq_id: [] for s in seqs}
+    kinds = []
+    for i, s in enumerate(seqs):
+        sched.add(s)
+        for _ in range(3 if i < len(seqs) - 1 else 40):
+            batch = sched.schedule()
+            decode = [s.num_tokens - s.num_computed_tokens == 1 for s in batch.seqs]
+            assert batch.seqs and len(set(decode)) == 1, (batch.num_new_tokens, decode)
+            kinds.append(decode[0])
+            for s, n, d in zip(batch.seqs, batch.num_new_tokens, decode):
+                if not d:
+                    chunk_ends[s.seq_id].append(s.num_computed_tokens + n)
+            run(batch)
+    assert all(len(s.token_ids) > s.num_prompt_tokens for s in seqs)
+    assert [chunk_ends[s.seq_id] for s in seqs] == [[10], [16, 32, 40], [10], [16, 23]]
+    assert any(a != b for a, b in zip(kinds, kinds[1:]))  # turns: decode rows were not starved by prompts

@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.kernels.fusion import rounded
 from engine.kernels.paged import LayerCache, PagedAttentionBase
+from engine.kernels.quant_linear import invariant_linear
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
 
 # Per family: what the HF config's model_type turns on (see ModelConfig.from_hf).
@@ -258,6 +259,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear with the batch-invariant paths (kernels/row_invariant.py) where `invariant` is set."""
+
+    invariant: str | None = None  # None, "rows" or "head"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant is None:
+            return F.linear(x, self.weight, self.bias)
+        return invariant_linear(x, self.weight, self.bias, self.invariant == "head")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, backend: PagedAttentionBase, tp: TPGroup) -> None:
         super().__init__()
@@ -270,8 +282,8 @@ class Attention(nn.Module):
         # Plain ints and floats: a compiled layer specialises on them (a sliding and a full layer are two graphs).
         self.window, self.scale = cfg.window(layer_idx), cfg.attention_scale
         # One fused projection: one GEMM instead of three per layer.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = make_norm(cfg, self.head_dim)
             self.k_norm = make_norm(cfg, self.head_dim)
@@ -313,8 +325,8 @@ class MLP(nn.Module):
         width = cfg.intermediate_size // tp.size
         self.tp = tp
         self.act = activation(cfg.hidden_act)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * width, bias=False)
-        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * width, bias=False)
+        self.down_proj = Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -345,6 +357,8 @@ class MoE(nn.Module):
     summed with the router's weights (renormalised over the k where `norm_topk_prob`). The experts' weights
     are stacked [experts, out, in], as transformers holds them."""
 
+    invariant: str | None = None  # the eager per-expert GEMMs take the batch-invariant paths where set
+
     def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         if tp.size > 1:
@@ -352,7 +366,7 @@ class MoE(nn.Module):
         experts, width, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.act = activation(cfg.hidden_act)
-        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.gate = Linear(hidden, experts, bias=False)
         # Under quant: Int8Experts or GroupedInt8Experts (kernels/quant_linear.py).
         self.experts_gate_up = ExpertWeights(experts, 2 * width, hidden)
         self.experts_down = ExpertWeights(experts, hidden, width)
@@ -389,11 +403,14 @@ class MoE(nn.Module):
             if n == 0:
                 continue
             rows = tokens[start : start + n]
-            gate, up = F.linear(x[rows], self.experts_gate_up.expert(expert)).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.experts_down.expert(expert))
+            gate, up = self._linear(x[rows], self.experts_gate_up.expert(expert)).chunk(2, dim=-1)
+            y = self._linear(self.act(gate) * up, self.experts_down.expert(expert))
             out.index_add_(0, rows, y * weights.flatten()[order[start : start + n]].unsqueeze(-1))
             start += n
         return out
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight) if self.invariant is None else invariant_linear(x, weight, None, head=False)
 
 
 class DecoderLayer(nn.Module):
@@ -450,7 +467,7 @@ class CausalLM(nn.Module):
         self.rope_local = RotaryEmbedding(cfg, cfg.rope_local_theta, scaled=False) if cfg.rope_local_theta else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, tp) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
-        self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
         self.run_layer: Callable[..., torch.Tensor] = run_layer  # engine/step_graphs.py may wrap it
 
@@ -488,7 +505,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden)
-        if not isinstance(self.lm_head, nn.Linear):  # quantized
+        if not isinstance(self.lm_head, nn.Linear) or self.lm_head.invariant:  # quantized, or batch-invariant
             local = self.lm_head(hidden)
         elif torch.compiler.is_compiling():
             # Inside a compiled graph a plain linear lets inductor pick its own GEMM for the frozen weight.
