@@ -4,6 +4,8 @@ are scheduled, given back once they leave the window."""
 
 from __future__ import annotations
 
+import math
+
 from engine.kv_cache import SCRATCH_PAGE, PageAllocator
 from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence
@@ -21,12 +23,18 @@ class KVManager:
         page_size: int,
         window_allocator: PageAllocator | None = None,
         window: int = 0,
+        invariant_chunk: int = 0,
     ) -> None:
         self.allocator = allocator
         self.cache = prefix_cache
         self.page_size = page_size
         self.window_allocator = window_allocator  # None: every layer keeps every page
         self.window = window  # the windowed layers' widest window
+        # Batch-invariant mode (engine/scheduler.py) computes prompts in chunks of `invariant_chunk` tokens, and a
+        # token's K/V bits depend on the chunk that computed it (its length shapes the attention call): the cache
+        # then shares only whole chunks of prompt tokens, and a prefix is reused only up to a chunk's end.
+        self.invariant_chunk = invariant_chunk
+        self.reuse_pages = math.lcm(invariant_chunk, page_size) // page_size if invariant_chunk else 1
 
     def _alloc(self, n: int, evict: bool = True, windowed: bool = False) -> list[int] | None:
         allocator = self.window_allocator if windowed else self.allocator
@@ -51,16 +59,21 @@ class KVManager:
         """The cached prefix of `tokens` to reuse: handle, pages, and windowed pages. With windowed layers only
         a prefix whose last window is still held counts: what was dropped is recomputed, never reused."""
         node, pages = self.cache.match(tokens)
-        if self.window_allocator is None or not pages:
-            return node, pages, []
-        held = self.cache.match_window(node)
-        n = len(pages)
-        while n and SCRATCH_PAGE in held[self._first_seen_page(n * self.page_size) : n]:
-            n -= 1
+        held = self.cache.match_window(node) if self.window_allocator is not None and pages else []
+        n = self._usable(len(pages), held)
         if n < len(pages):
             node, pages = self.cache.match(tokens[: n * self.page_size])
             held = held[:n]
         return node, pages, held
+
+    def _usable(self, n: int, held: list[int]) -> int:
+        """How many of n matched pages can be reused: a multiple of `reuse_pages` whose last window is held."""
+        while n:
+            n -= n % self.reuse_pages
+            if not held or SCRATCH_PAGE not in held[self._first_seen_page(n * self.page_size) : n]:
+                return n
+            n -= 1
+        return 0
 
     def prefix_match_length(self, seq: Sequence) -> int:
         return 0 if seq.wants_prompt_logprobs else len(self._match(self._reusable_prefix(seq))[1]) * self.page_size
@@ -132,6 +145,8 @@ class KVManager:
     def cache_computed(self, seq: Sequence) -> None:
         """Hand the sequence's fully computed pages to the prefix cache (so others can reuse them now)."""
         full = seq.num_computed_tokens // self.page_size
+        if self.invariant_chunk:  # prompt tokens of whole chunks only (decode rows' K/V are computed otherwise)
+            full = min(full, seq.num_prompt_tokens // self.page_size // self.reuse_pages * self.reuse_pages)
         if full <= seq.num_tree_pages:
             return
         windowed = seq.window_pages[:full] if self.window_allocator is not None else None

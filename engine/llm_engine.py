@@ -59,7 +59,9 @@ class LLMEngine:
             allocator=self.allocator, page_size=page_size, window_allocator=self.window_allocator
         )
         window = max(mc.windows()) if self.window_allocator is not None else 0
-        self.kv = KVManager(self.allocator, self.prefix_cache, page_size, self.window_allocator, window)
+        # Batch-invariant, prompts are computed in chunks of the token budget (engine/scheduler.py).
+        chunk = cfg.scheduler.max_num_batched_tokens if cfg.batch_invariant else 0
+        self.kv = KVManager(self.allocator, self.prefix_cache, page_size, self.window_allocator, window, chunk)
         if window:
             log.info(
                 "KV pages: the %d sliding-window layers keep their last %d tokens, the other %d the whole context",

@@ -15,11 +15,10 @@ every rank executes the same plan on its shard of the model.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import ctypes
 import itertools
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from engine.kernels.paged import (
     opaque_attention_step,
 )
 from engine.kernels.quant_linear import FEW_ROWS, rows_alone_are_faster
-from engine.kernels.row_invariant import make_batch_invariant, prompt_rows
+from engine.kernels.row_invariant import make_batch_invariant
 from engine.kv_cache import SCRATCH_PAGE, KVPool
 from engine.models.loader import build_model
 from engine.models.source import ModelSource
@@ -121,12 +120,11 @@ class ModelRunner:
         # Quantized decode steps of more sequences than FEW_ROWS run as steps of FEW_ROWS rows where no integer
         # GEMM is fast: every row then goes through the one-row kernels, so its values do not depend on the
         # batch (kernels/quant_linear.py `rows_alone_are_faster` has the speed measured).
-        # Batch-invariant mode (kernels/row_invariant.py) keeps every decode step that small: its decode rows go
-        # through the few-row paths only.
+        # Batch-invariant mode (kernels/row_invariant.py) keeps every decode step that small, and pads every prefill
+        # step (rows and logit rows) past it: a row's path then depends on its kind, not on the step's size.
         self.batch_invariant = batch_invariant
         if batch_invariant:
             make_batch_invariant(model)
-            compile_cfg = replace(compile_cfg, prefill=False)  # prompt rows: eager calls of fixed shape
         few = device.type == "cpu" and (batch_invariant or rows_alone_are_faster(model))
         self.decode_step_rows = FEW_ROWS if few else None
         self.graphs = StepGraphs(
@@ -185,7 +183,8 @@ class ModelRunner:
             pad_index.extend(range(row * max_q, row * max_q + n))
         query_lens = list(batch.num_new_tokens)
         seq_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
-        # Padding rows (bucketed decode) read and write only the scratch page at position 0.
+        # Padding rows (bucketed decode, batch-invariant prefill) read and write only the scratch page at position 0.
+        pad_index.extend(row * max_q for row in range(len(batch.seqs), len(batch.seqs) + pad_rows))
         ids += [0] * pad_rows
         positions += [0] * pad_rows
         slots += [SCRATCH_PAGE * ps] * pad_rows
@@ -235,7 +234,9 @@ class ModelRunner:
             ids, paged = self._paged_batch(batch, pad)
             return StepPlan(ids, paged, None, compiled), sampling_rows, []
 
-        ids, paged = self._paged_batch(batch, 0)
+        # Batch-invariant, a prefill step has more rows than a decode step ever has (kernels/row_invariant.py).
+        fewest = FEW_ROWS + 1 if self.batch_invariant else 0
+        ids, paged = self._paged_batch(batch, max(0, fewest - sum(batch.num_new_tokens)))
         ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
         # A speculating row samples at its last known token and after each draft token.
         rows = [i for r in sampling_rows for i in range(ends[r] - len(batch.seqs[r].draft_token_ids), ends[r] + 1)]
@@ -254,7 +255,8 @@ class ModelRunner:
         # Dynamic shapes specialise sizes 0 and 1: one token, or one or no logit row, would compile a graph
         # of its own.
         compiled = self.graphs.prefill is not None and len(ids) > 1
-        while compiled and len(rows) < 2:  # extra logit rows are dropped with the others past the sampled ones
+        fewest = max(fewest, 2 if compiled else 0)
+        while len(rows) < fewest:  # extra logit rows are dropped with the others past the sampled ones
             rows.append(rows[-1] if rows else 0)
         return (
             StepPlan(ids, paged, torch.tensor(rows, dtype=torch.long, device=self.device), compiled),
@@ -278,7 +280,7 @@ class ModelRunner:
         if plan.compiled:
             with opaque_attention_step(self.backend, meta):
                 return self.graphs.prefill(plan.input_ids, plan.batch.positions, plan.logit_rows)
-        with self.graphs.eager(), prompt_rows() if self.batch_invariant else contextlib.nullcontext():
+        with self.graphs.eager():
             if plan.logit_rows is None:
                 return self._logits_at_every_token(plan.input_ids, plan.batch.positions, meta)
             return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)

@@ -29,6 +29,7 @@ torchao's CPU int4 kernels are not in its PyPI wheel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.fusion import rounded, stored
-from engine.kernels.row_invariant import PROMPT_ROWS, in_calls, in_prompt_step
+from engine.kernels.row_invariant import in_calls, mm_in_calls
 
 GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2), so the one-row reduction reads each
@@ -98,60 +99,33 @@ def _out_row(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rounded(y, dtype).unsqueeze(0).to(dtype)
 
 
-def invariant_product(
-    x: torch.Tensor,
-    few_rows: Callable[[torch.Tensor], torch.Tensor],
-    prompt_rows: Callable[[torch.Tensor], torch.Tensor],
-    head: bool,
-) -> torch.Tensor:
-    """Batch-invariant mode (kernels/row_invariant.py): x's rows through `few_rows` (at most FEW_ROWS rows per
-    call, each computed as a lone row or as one of exactly FEW_ROWS), unless they are a layer's prompt rows,
-    which go through `prompt_rows` (GEMM calls of PROMPT_ROWS rows). The head's rows always take the few-row
-    path: they are the rows that sample, a handful per step."""
-    if head or not in_prompt_step():
-        if x.shape[0] <= FEW_ROWS:  # compiled: always (decode steps are split to FEW_ROWS rows)
-            return few_rows(x)
-        return torch.cat([few_rows(c) for c in x.split(FEW_ROWS)])
-    return prompt_rows(x)
-
-
-def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: bool) -> torch.Tensor:
-    """F.linear with a float weight, batch-invariantly (`invariant_product`)."""
-
-    def linear(rows: torch.Tensor) -> torch.Tensor:
-        return F.linear(rows, weight, bias)
-
-    return invariant_product(
-        x, lambda c: in_calls(linear, c, FEW_ROWS), lambda c: in_calls(linear, c, PROMPT_ROWS), head
-    )
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """F.linear with a float weight in batch-invariant mode (kernels/row_invariant.py): up to FEW_ROWS rows as one
+    call of exactly FEW_ROWS, more in calls of `rows`."""
+    if x.shape[0] <= FEW_ROWS:
+        return in_calls(lambda r: F.linear(r, weight, bias), x, FEW_ROWS)
+    out = mm_in_calls(x, weight.t(), rows)
+    return out if bias is None else out + bias
 
 
 class RowPaths:
-    """The choice between a quantized layer's one-row path (`_one_row`: one row, or each of a few rows alone) and
-    its several-row path (`_several_rows(x, gemm)`, `gemm(a, b)` = a @ b): by row count, or by the kind of
-    row where `invariant` is set (kernels/row_invariant.py `make_batch_invariant`)."""
+    """A quantized layer's choice of path by row count: up to FEW_ROWS rows the one-row path (`_one_row`, each row
+    computed alone), more the several-row path (`_several_rows(x, gemm)`, its float products `gemm(a, b)` = a @ b,
+    in calls of `invariant_rows` rows in batch-invariant mode: kernels/row_invariant.py)."""
 
-    invariant: str | None = None  # None, "rows" or "head"
+    invariant_rows: int | None = None
     bias: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.invariant is not None:
-            out = invariant_product(
-                x, self._few_rows, lambda c: self._several_rows(c, _prompt_gemm), self.invariant == "head"
-            )
+        if x.shape[0] == 1:
+            out = self._one_row(x)
         elif x.shape[0] <= FEW_ROWS:
-            out = self._few_rows(x)
-        else:
+            out = each_row(self._one_row, x)
+        elif self.invariant_rows is None:
             out = self._several_rows(x, torch.mm)
+        else:
+            out = self._several_rows(x, functools.partial(mm_in_calls, rows=self.invariant_rows))
         return out if self.bias is None else out + self.bias
-
-    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return self._one_row(x) if x.shape[0] == 1 else each_row(self._one_row, x)
-
-
-def _prompt_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in calls of PROMPT_ROWS rows of a (padded)."""
-    return in_calls(lambda rows: rows @ b, a, PROMPT_ROWS)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

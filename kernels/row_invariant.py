@@ -5,49 +5,29 @@ the split over threads by shape (2026-12-06, AVX-512 machine: row 0 of x @ w dif
 every row count 2..512 in fp32, and between 32..128 and 512 rows for 576x1536 in bf16 and 1536x576 in both),
 but not on the row's place in the call nor on its neighbours (6 of 6 shuffles equal, fp32 and bf16, calls of
 16, 32 and 64 rows). Batched with `torch.bmm` the chunks were not safe either: 1536x576 differed with the
-number of chunks (the thread split moves). So in batch-invariant mode every product runs as calls of one
-fixed shape, chosen by the kind of row, never by the step's size:
+number of chunks (the thread split moves). So in batch-invariant mode a step's rows go one of two ways, by their
+number, which the runner and scheduler make a matter of the kind of row:
 
-- decode rows (a decode step, a speculative verification) and the LM head's rows: the one-row path of a
-  quantized layer (each row computed as a lone row, kernels/quant_linear.py `each_row`), or for a float
-  weight one GEMM call of FEW_ROWS rows, padded;
-- prompt rows (an eager prefill step: the runner marks it with `prompt_rows`): GEMM calls of PROMPT_ROWS
-  rows, padded.
+- a decode step (at most FEW_ROWS rows: the runner splits larger ones; a speculative verification is one row
+  per token): the few-row paths, a quantized layer computing each row as a lone row (kernels/quant_linear.py
+  `each_row`), a float weight one GEMM of exactly FEW_ROWS rows, padded;
+- a prefill step (padded by the runner to more than FEW_ROWS rows, and never mixed with decode rows by the
+  scheduler, which also cuts prompts at fixed places): GEMMs in calls of a fixed number of rows,
+  `mm_in_calls`, PROMPT_ROWS for a layer and HEAD_ROWS for the LM head (it sees the rows that sample).
 
-The runner keeps decode steps within FEW_ROWS rows, the scheduler never mixes decode rows with prompt rows
-in one step and cuts prompts into chunks at fixed positions, and the attention of a decode row is the paged
-decode kernel's, eager or compiled (engine/model_runner.py, engine/scheduler.py).
+`mm_in_calls` is an opaque op, so a compiled prefill graph runs the same ATen calls as an eager step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-# Rows per GEMM call for prompt rows: fewer re-read the weights more often, more pad short prompts further.
+# Rows per GEMM call: fewer re-read the weights more often, more pad short prompts further.
 PROMPT_ROWS = 64
-
-_step = threading.local()
-
-
-@contextlib.contextmanager
-def prompt_rows() -> Iterator[None]:
-    """Marks the eager step run inside as one of prompt rows (this thread only: a background compilation
-    traces decode graphs on another)."""
-    _step.prompt = True
-    try:
-        yield
-    finally:
-        _step.prompt = False
-
-
-def in_prompt_step() -> bool:
-    """Compiled graphs are decode graphs only: batch-invariant mode runs prefill steps eagerly."""
-    return not torch.compiler.is_compiling() and getattr(_step, "prompt", False)
+HEAD_ROWS = 8
 
 
 def in_calls(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -60,10 +40,21 @@ def in_calls(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, r
     return torch.cat([product(c) for c in padded.split(rows)])[:m]
 
 
+@torch.library.custom_op("engine::mm_in_calls", mutates_args=())
+def mm_in_calls(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    """a @ b, `rows` rows of a per call (`in_calls`)."""
+    return in_calls(lambda r: r @ b, a, rows)
+
+
+@mm_in_calls.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
 def make_batch_invariant(model: torch.nn.Module) -> None:
-    """Switches every linear layer of `model` (float or quantized) to the batch-invariant paths; the LM head
-    keeps its rows on the few-row path (it sees only the rows that sample, a handful per step)."""
+    """Gives every linear layer of `model` (float or quantized, and the MoE experts' GEMMs) fixed-shape GEMM
+    calls: HEAD_ROWS rows for the LM head, PROMPT_ROWS for the rest."""
     head = getattr(model, "lm_head", None)
     for m in model.modules():
-        if hasattr(type(m), "invariant"):
-            m.invariant = "head" if m is head else "rows"
+        if hasattr(type(m), "invariant_rows"):
+            m.invariant_rows = HEAD_ROWS if m is head else PROMPT_ROWS

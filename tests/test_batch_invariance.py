@@ -48,11 +48,13 @@ def three_ways(llm: LLM, prompts: list[list[int]]) -> tuple[list[Result], list[R
     return alone, together, [_of(r.output()) for r in requests]
 
 
-def assert_invariant(llm: LLM, prompts: list[list[int]] = PROMPTS) -> None:
+def assert_invariant(llm: LLM, prompts: list[list[int]] = PROMPTS, want: list[Result] | None = None) -> None:
+    """The three runs agree bit for bit (and with `want` where given)."""
     alone, together, staggered = three_ways(llm, prompts)
     assert all(len(tokens) == PARAMS.max_tokens for tokens, _ in alone)
     assert together == alone
     assert staggered == alone
+    assert want is None or alone == want
 
 
 # Compiled runs take minutes each (a decode graph per row bucket): the float path and the int4 one in bf16.
@@ -109,6 +111,23 @@ def test_speculation_and_experts_stay_invariant(tiny_gguf, tmp_path, monkeypatch
 
     moe = LLM(str(tiny_qwen3_moe(tmp_path / "moe")), dtype="float32", **common)
     assert_invariant(moe)
+
+
+def test_prefix_cache_hits_do_not_change_a_request(tiny_gguf, tmp_path, monkeypatch):
+    """With the radix cache a prompt reuses a cached prefix only up to a multiple of the budget, where its fixed
+    chunks start: its rows after it are computed in the chunks they have without the cache, so the bits match a
+    run with no cache at all, and hits happened."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    shared = PROMPTS[-1][:37]  # two whole chunks of 16 and 5 tokens more
+    prompts = [shared + p[:9] for p in PROMPTS]
+    common = dict(enforce_eager=True, max_num_batched_tokens=16, page_size=4, batch_invariant=True, progress_bar=False)
+    fresh = LLM(str(tiny_gguf), dtype="float32", quant="int4", cache="none", **common)
+    want = [_of(fresh.generate_outputs([p], PARAMS)[0]) for p in prompts]
+    cached = LLM(str(tiny_gguf), dtype="float32", quant="int4", cache="radix", **common)
+    assert_invariant(cached, prompts, want)
+    (again,) = cached.generate_outputs([prompts[0]], PARAMS)
+    # 41 tokens before its last are cached in 10 pages of 4; 32 of them end a chunk of the budget.
+    assert again.usage.cached_tokens == 32 and _of(again) == want[0]
 
 
 @pytest.mark.parametrize("setting", [{"device": "cuda"}, {"parallel.tp": 2}])

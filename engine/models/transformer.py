@@ -22,7 +22,8 @@ from torch import nn
 
 from engine.kernels.fusion import rounded
 from engine.kernels.paged import LayerCache, PagedAttentionBase
-from engine.kernels.quant_linear import invariant_linear
+from engine.kernels.quant_linear import FEW_ROWS, invariant_linear
+from engine.kernels.row_invariant import in_calls
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
 
 # Per family: what the HF config's model_type turns on (see ModelConfig.from_hf).
@@ -260,14 +261,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the batch-invariant paths (kernels/row_invariant.py) where `invariant` is set."""
+    """nn.Linear, with GEMM calls of fixed shapes where `invariant_rows` is set (kernels/row_invariant.py)."""
 
-    invariant: str | None = None  # None, "rows" or "head"
+    invariant_rows: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.invariant is None:
+        if self.invariant_rows is None:
             return F.linear(x, self.weight, self.bias)
-        return invariant_linear(x, self.weight, self.bias, self.invariant == "head")
+        return invariant_linear(x, self.weight, self.bias, self.invariant_rows)
 
 
 class Attention(nn.Module):
@@ -357,7 +358,9 @@ class MoE(nn.Module):
     summed with the router's weights (renormalised over the k where `norm_topk_prob`). The experts' weights
     are stacked [experts, out, in], as transformers holds them."""
 
-    invariant: str | None = None  # the eager per-expert GEMMs take the batch-invariant paths where set
+    # Batch-invariant mode: the eager per-expert GEMMs in calls of FEW_ROWS rows, whatever the step (a prefill
+    # step routes few rows to some experts). Compiled, `_gathered` computes each token on its own anyway.
+    invariant_rows: int | None = None
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
@@ -410,7 +413,9 @@ class MoE(nn.Module):
         return out
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight) if self.invariant is None else invariant_linear(x, weight, None, head=False)
+        if self.invariant_rows is None:
+            return F.linear(x, weight)
+        return in_calls(lambda rows: F.linear(rows, weight), x, FEW_ROWS)
 
 
 class DecoderLayer(nn.Module):
@@ -505,7 +510,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden)
-        if not isinstance(self.lm_head, nn.Linear) or self.lm_head.invariant:  # quantized, or batch-invariant
+        if not isinstance(self.lm_head, nn.Linear) or self.lm_head.invariant_rows:  # quantized, or batch-invariant
             local = self.lm_head(hidden)
         elif torch.compiler.is_compiling():
             # Inside a compiled graph a plain linear lets inductor pick its own GEMM for the frozen weight.

@@ -1,0 +1,101 @@
+"""What batch-invariant mode (`batch_invariant=true`, kernels/row_invariant.py) costs, and what it buys, on one
+model: prefill of one long prompt, batch-1 decode, `bench.batch` sequences decoding together, and requests
+arriving one step apart (prefill chunks beside decode rows) in tok/s, with and without the mode in one run; and
+for `bench.check_prompts` prompts, how many greedy continuations are identical alone, all together, and
+arriving one by one.
+
+    python experiments/batch_invariance.py                      # SmolLM2, the default config
+    python experiments/batch_invariance.py quant=none dtype=float32
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import statistics
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cpu_vs_llamacpp import FRESH, Rates, prompts, rates  # noqa: E402
+from workloads import engine_generate, record, resolve_bench_model  # noqa: E402
+
+log = logging.getLogger("batch_invariance")
+
+
+def staggered(llm: LLM, batch: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Greedy continuations of `batch`, its requests submitted one engine step apart."""
+    requests = []
+    for p in batch:
+        requests.append(llm._submit(None, p, params))
+        llm._step()
+    while not all(r.finished for r in requests):
+        llm._step()
+    return [r.output().outputs[0].token_ids for r in requests]
+
+
+def measure(cfg: DictConfig) -> Rates:
+    b = cfg.bench
+    t = time.perf_counter()
+    with LLM(config=EngineConfig.from_dictconfig(cfg)) as llm:
+        vocab = llm.engine.model_config.vocab_size
+
+        def run(batch: list[list[int]], new: int) -> None:
+            engine_generate(llm, [(p, new) for p in batch])
+
+        def arriving() -> float:
+            batch = prompts(b.arrivals, b.arrival_prompt_tokens, vocab, next(FRESH))
+            params = SamplingParams(max_tokens=b.new_tokens, temperature=0, ignore_eos=True)
+            start = time.perf_counter()
+            staggered(llm, batch, params)
+            return b.arrivals * b.new_tokens / (time.perf_counter() - start)
+
+        rates(run, b, vocab)  # warm-up: compiles the decode graphs (and the prefill graph where there is one)
+        arriving()
+        log.info("batch_invariant=%s: started and warmed up in %.0f s", cfg.batch_invariant, time.perf_counter() - t)
+        measured = rates(run, b, vocab, b.repeats)
+        measured["arriving_tok_s"] = statistics.median(arriving() for _ in range(b.repeats))
+
+        check = prompts(b.check_prompts, b.prompt_tokens, vocab, next(FRESH))
+        params = SamplingParams(max_tokens=b.check_tokens, temperature=0, ignore_eos=True)
+        alone = [llm.generate_outputs([p], params)[0].outputs[0].token_ids for p in check]
+        together = [o.outputs[0].token_ids for o in llm.generate_outputs(check, params)]
+        measured["identical_together"] = float(sum(a == t for a, t in zip(alone, together)))
+        measured["identical_arriving"] = float(sum(a == t for a, t in zip(alone, staggered(llm, check, params))))
+    gc.collect()
+    return measured
+
+
+@hydra.main(config_path="../configs", config_name="batch_invariance", version_base=None)
+def main(cfg: DictConfig) -> None:
+    resolve_bench_model(cfg)
+    results: dict[bool, Rates] = {}
+    for invariant in (False, True):
+        cfg.batch_invariant = invariant
+        results[invariant] = measure(cfg)
+        log.info("batch_invariant=%s: %s", invariant, results[invariant])
+    for invariant, r in results.items():
+        cfg.batch_invariant = invariant
+        ratios = {f"{k}_vs_default": v / results[False][k] for k, v in r.items() if k.endswith("tok_s")}
+        record({"label": f"batch_invariant={invariant}", **r, **ratios}, cfg)
+        log.info(
+            "batch_invariant=%-5s %s",
+            invariant,
+            "  ".join(
+                f"{k} {v:.1f}" + (f" ({ratios[k + '_vs_default']:.2f}x)" if invariant else "")
+                if k.endswith("tok_s")
+                else f"{k} {v:.0f}/{cfg.bench.check_prompts}"
+                for k, v in r.items()
+            ),
+        )
+
+
+if __name__ == "__main__":
+    main()
