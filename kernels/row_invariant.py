@@ -15,7 +15,9 @@ number, which the runner and scheduler make a matter of the kind of row:
   scheduler, which also cuts prompts at fixed places): GEMMs in calls of a fixed number of rows,
   `mm_in_calls`, PROMPT_ROWS for a layer and HEAD_ROWS for the LM head (it sees the rows that sample).
 
-`mm_in_calls` is an opaque op, so a compiled prefill graph runs the same ATen calls as an eager step.
+`mm_in_calls` is an opaque op, so a compiled prefill graph runs the same ATen calls as an eager step. It takes
+its operands in any layout (`flexible_layout`): held to the eager strides, inductor dequantized int4 weights
+in a scalar loop, 11 ms per layer for SmolLM2's gate_up projection at 512 rows (the whole step took 0.74 s).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# Rows per GEMM call: fewer re-read the weights more often, more pad short prompts further.
-PROMPT_ROWS = 64
+# Rows per GEMM call: fewer re-read the weights more often, more pad short prompts further. SmolLM2 (int4, bf16,
+# AMX), one 512-token prompt: 1480 / 1930 / 2040 tok/s with calls of 64 / 128 / 256 rows, 2550 with one GEMM.
+PROMPT_ROWS = 128
 HEAD_ROWS = 8
 
 
@@ -40,7 +43,7 @@ def in_calls(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, r
     return torch.cat([product(c) for c in padded.split(rows)])[:m]
 
 
-@torch.library.custom_op("engine::mm_in_calls", mutates_args=())
+@torch.library.custom_op("engine::mm_in_calls", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def mm_in_calls(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
     """a @ b, `rows` rows of a per call (`in_calls`)."""
     return in_calls(lambda r: r @ b, a, rows)
