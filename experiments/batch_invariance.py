@@ -1,6 +1,7 @@
 """What batch-invariant mode (`batch_invariant=true`, kernels/row_invariant.py) costs, and what it buys, on one
 model: prefill of one long prompt, batch-1 decode, `bench.batch` sequences decoding together, and requests
-arriving one step apart (prefill chunks beside decode rows) in tok/s, with and without the mode in one run; and
+arriving one step apart (prefill chunks beside decode rows) in tok/s, with and without the mode (two engines
+in one process, measured in turns; medians of `bench.repeats` rounds); and
 for `bench.check_prompts` prompts, how many greedy continuations are identical alone, all together, and
 arriving one by one.
 
@@ -10,7 +11,6 @@ arriving one by one.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import statistics
@@ -41,46 +41,57 @@ def staggered(llm: LLM, batch: list[list[int]], params: SamplingParams) -> list[
     return [r.output().outputs[0].token_ids for r in requests]
 
 
-def measure(cfg: DictConfig) -> Rates:
-    b = cfg.bench
-    t = time.perf_counter()
-    with LLM(config=EngineConfig.from_dictconfig(cfg)) as llm:
-        vocab = llm.engine.model_config.vocab_size
+class Variant:
+    """One engine (with or without the mode) and its measurements, taken in turns with the other's."""
 
-        def run(batch: list[list[int]], new: int) -> None:
-            engine_generate(llm, [(p, new) for p in batch])
-
-        def arriving() -> float:
-            batch = prompts(b.arrivals, b.arrival_prompt_tokens, vocab, next(FRESH))
-            params = SamplingParams(max_tokens=b.new_tokens, temperature=0, ignore_eos=True)
-            start = time.perf_counter()
-            staggered(llm, batch, params)
-            return b.arrivals * b.new_tokens / (time.perf_counter() - start)
-
-        rates(run, b, vocab)  # warm-up: compiles the decode graphs (and the prefill graph where there is one)
-        arriving()
+    def __init__(self, cfg: DictConfig) -> None:
+        t = time.perf_counter()
+        self.cfg, self.b = cfg, cfg.bench
+        self.llm = LLM(config=EngineConfig.from_dictconfig(cfg))
+        self.vocab = self.llm.engine.model_config.vocab_size
+        self.rounds: list[Rates] = []
+        self.measure()  # warm-up: compiles the decode graphs (and the prefill graph)
+        self.rounds.clear()
         log.info("batch_invariant=%s: started and warmed up in %.0f s", cfg.batch_invariant, time.perf_counter() - t)
-        measured = rates(run, b, vocab, b.repeats)
-        measured["arriving_tok_s"] = statistics.median(arriving() for _ in range(b.repeats))
 
-        check = prompts(b.check_prompts, b.prompt_tokens, vocab, next(FRESH))
+    def run(self, batch: list[list[int]], new: int) -> None:
+        engine_generate(self.llm, [(p, new) for p in batch])
+
+    def arriving(self) -> float:
+        b = self.b
+        batch = prompts(b.arrivals, b.arrival_prompt_tokens, self.vocab, next(FRESH))
+        params = SamplingParams(max_tokens=b.new_tokens, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        staggered(self.llm, batch, params)
+        return b.arrivals * b.new_tokens / (time.perf_counter() - start)
+
+    def measure(self) -> None:
+        self.rounds.append(rates(self.run, self.b, self.vocab) | {"arriving_tok_s": self.arriving()})
+
+    def result(self) -> Rates:
+        """Medians over the rounds, and how many greedy continuations match the prompt's alone."""
+        out = {k: statistics.median(r[k] for r in self.rounds) for k in self.rounds[0]}
+        b, llm = self.b, self.llm
+        check = prompts(b.check_prompts, b.prompt_tokens, self.vocab, next(FRESH))
         params = SamplingParams(max_tokens=b.check_tokens, temperature=0, ignore_eos=True)
         alone = [llm.generate_outputs([p], params)[0].outputs[0].token_ids for p in check]
         together = [o.outputs[0].token_ids for o in llm.generate_outputs(check, params)]
-        measured["identical_together"] = float(sum(a == t for a, t in zip(alone, together)))
-        measured["identical_arriving"] = float(sum(a == t for a, t in zip(alone, staggered(llm, check, params))))
-    gc.collect()
-    return measured
+        out["identical_together"] = float(sum(a == t for a, t in zip(alone, together)))
+        out["identical_arriving"] = float(sum(a == t for a, t in zip(alone, staggered(llm, check, params))))
+        return out
 
 
 @hydra.main(config_path="../configs", config_name="batch_invariance", version_base=None)
 def main(cfg: DictConfig) -> None:
     resolve_bench_model(cfg)
-    results: dict[bool, Rates] = {}
-    for invariant in (False, True):
+    variants = {}
+    for invariant in (False, True):  # both engines stay up, measured in turns: this machine drifts by minutes
         cfg.batch_invariant = invariant
-        results[invariant] = measure(cfg)
-        log.info("batch_invariant=%s: %s", invariant, results[invariant])
+        variants[invariant] = Variant(cfg.copy())
+    for _ in range(cfg.bench.repeats):
+        for variant in variants.values():
+            variant.measure()
+    results = {invariant: variant.result() for invariant, variant in variants.items()}
     for invariant, r in results.items():
         cfg.batch_invariant = invariant
         ratios = {f"{k}_vs_default": v / results[False][k] for k, v in r.items() if k.endswith("tok_s")}

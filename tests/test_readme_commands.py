@@ -47,6 +47,9 @@ SMOKE = {
                         "bench.num_experts_per_tok": "2", "bench.moe_intermediate_size": "16"},
     "spec_decode.py": {"bench.llama_cpp": "false", "bench.new_tokens": "4", "bench.batch": "2", "bench.repeats": "1"},
     "gguf_types.py": {"model.path": "null", "bench.types": "[Q8_0]"},  # null: the embedded SmolLM2 GGUF
+    "batch_invariance.py": {"bench.prompt_tokens": "4", "bench.new_tokens": "3", "bench.batch": "2",
+                            "bench.prefill_tokens": "16", "bench.arrivals": "2", "bench.arrival_prompt_tokens": "4",
+                            "bench.repeats": "1", "bench.check_prompts": "2", "bench.check_tokens": "2"},
     "cpu_vs_llamacpp.py": {"bench.llama_cpp": "false", "bench.modes": "[auto,int8]", "bench.prompt_tokens": "4",
                            "bench.new_tokens": "3", "bench.batch": "2", "bench.prefill_tokens": "16",
                            "bench.repeats": "1", "bench.fidelity_tokens": "2"},
