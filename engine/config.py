@@ -283,6 +283,12 @@ class EngineConfig:
             self.batch_invariant,
             f"is built for one CPU process (device={self.device}, parallel.tp={self.parallel.tp})",
         )
+        _require(
+            not self.batch_invariant or self.attention.resolve().batch_invariant,
+            "batch_invariant",
+            self.batch_invariant,
+            f"needs attention=sdpa: {self.attention.name} attends a step's rows in calls that depend on the batch",
+        )
 
         _check_spec(self.spec.kwargs)
         if self.spec.name == "DraftProposer":

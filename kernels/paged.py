@@ -81,6 +81,9 @@ class PagedAttentionBase(ABC):
     # storage)? A backend that reads a layer's pages as one flat sequence cannot.
     supports_layer_groups = True
     cuda_graph_safe = True  # may a decode step through it be captured in a CUDA graph (no host reads)?
+    # Does a prompt row's attention depend only on its sequence and chunk, not on the other rows of the step
+    # (batch_invariant=true needs it; kernels/row_invariant.py)?
+    batch_invariant = False
 
     def __init__(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], page_size: int) -> None:
         self.k_cache, self.v_cache, self.page_size = k_cache, v_cache, page_size

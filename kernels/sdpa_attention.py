@@ -32,6 +32,8 @@ class Part:
 
 
 class SDPAAttention(PagedAttentionBase):
+    batch_invariant = True  # one call per set of equal chunks; each (row, head) of a call computed on its own
+
     def prepare(self, batch: PagedBatch) -> tuple[PagedBatch, list[Part]]:
         """The batch and the SDPA calls it takes: one per set of prefill chunks of equal length and context,
         and one for the single-token rows. Padded to the longest chunk and masked, a step's ragged prompts

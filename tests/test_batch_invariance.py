@@ -130,7 +130,7 @@ def test_prefix_cache_hits_do_not_change_a_request(tiny_gguf, tmp_path, monkeypa
     assert again.usage.cached_tokens == 32 and _of(again) == want[0]
 
 
-@pytest.mark.parametrize("setting", [{"device": "cuda"}, {"parallel.tp": 2}])
+@pytest.mark.parametrize("setting", [{"device": "cuda"}, {"parallel.tp": 2}, {"attention": "flex"}])
 def test_batch_invariance_is_refused_where_it_is_not_built(setting):
     with pytest.raises(ConfigError, match="batch_invariant"):
         compose_config(batch_invariant=True, **setting)
