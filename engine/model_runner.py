@@ -136,6 +136,7 @@ class ModelRunner:
             device,
             prefill_tokens,
             self.decode_step_rows,
+            self._fewest_logit_rows(compiled=True),
         )
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cuda" and compile_cfg.cuda_graphs and self.tp.size == 1 and backend.cuda_graph_safe:
@@ -161,6 +162,14 @@ class ModelRunner:
         return self.model.compute_logits(self.model(input_ids, positions, meta)[rows])
 
     # -- planning (rank 0) ---------------------------------------------------------------------------
+
+    def _fewest_logit_rows(self, compiled: bool) -> int:
+        """Logit rows a prefill step computes at least: past FEW_ROWS batch-invariant (so the head takes its
+        several-row path there, as the layers do), and compiled 2 (dynamic shapes specialise sizes 0 and 1: one
+        or no logit row would compile a graph of its own)."""
+        if self.batch_invariant:
+            return FEW_ROWS + 1
+        return 2 if compiled else 0
 
     def _paged_batch(self, batch: ScheduledBatch, pad_rows: int) -> tuple[torch.Tensor, PagedBatch]:
         """The step's inputs, built on the host from the sequences' lists and moved in one non-blocking copy
@@ -235,8 +244,8 @@ class ModelRunner:
             return StepPlan(ids, paged, None, compiled), sampling_rows, []
 
         # Batch-invariant, a prefill step has more rows than a decode step ever has (kernels/row_invariant.py).
-        fewest = FEW_ROWS + 1 if self.batch_invariant else 0
-        ids, paged = self._paged_batch(batch, max(0, fewest - sum(batch.num_new_tokens)))
+        pad = max(0, FEW_ROWS + 1 - sum(batch.num_new_tokens)) if self.batch_invariant else 0
+        ids, paged = self._paged_batch(batch, pad)
         ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
         # A speculating row samples at its last known token and after each draft token.
         rows = [i for r in sampling_rows for i in range(ends[r] - len(batch.seqs[r].draft_token_ids), ends[r] + 1)]
@@ -252,11 +261,8 @@ class ModelRunner:
                     jobs.append(_PromptLogprobJob(row, first, last, len(rows)))
                     rows.extend(range(offset + first - start, offset + last - start))
             offset += n
-        # Dynamic shapes specialise sizes 0 and 1: one token, or one or no logit row, would compile a graph
-        # of its own.
         compiled = self.graphs.prefill is not None and len(ids) > 1
-        fewest = max(fewest, 2 if compiled else 0)
-        while len(rows) < fewest:  # extra logit rows are dropped with the others past the sampled ones
+        while len(rows) < self._fewest_logit_rows(compiled):  # extra logit rows are dropped past the sampled ones
             rows.append(rows[-1] if rows else 0)
         return (
             StepPlan(ids, paged, torch.tensor(rows, dtype=torch.long, device=self.device), compiled),

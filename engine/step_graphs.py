@@ -96,9 +96,11 @@ class StepGraphs:
         device: torch.device,
         prefill_tokens: int,
         decode_step_rows: int | None = None,
+        prefill_logit_rows: int = 2,
     ) -> None:
         self.model = model
         self.decode_step_rows = decode_step_rows  # the most rows a decode step has (larger ones are split)
+        self.prefill_logit_rows = prefill_logit_rows  # the fewest logit rows a compiled prefill step has
         self.backend = backend
         # False when every linear layer is quantized
         self.float_gemms = any(isinstance(m, torch.nn.Linear) for m in model.modules())
@@ -217,7 +219,7 @@ class StepGraphs:
     def warm_prefill(self, prefill: PrefillFn) -> None:
         """Build the prefill graph at a full chunk on rows that touch only the scratch page."""
         batch = self._scratch_batch(1, self.prefill_tokens)
-        ids, rows = torch.zeros_like(batch.positions), batch.positions[-2:].clone()
+        ids, rows = torch.zeros_like(batch.positions), batch.positions[-self.prefill_logit_rows :].clone()
         with torch.inference_mode(), opaque_attention_step(self.backend, self.backend.prepare(batch)):
             prefill(ids, batch.positions, rows)
 

@@ -125,11 +125,17 @@ def test_step_attention_matches_each_row_alone(name, rows, window, device):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("regional", [None, True], ids=["default", "regional"])
-def test_background_compile_serves_eagerly_then_compiled(regional, tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device):
+@pytest.mark.parametrize(
+    "regional, invariant", [(None, False), (True, False), (None, True)], ids=["default", "regional", "batch-invariant"]
+)
+def test_background_compile_serves_eagerly_then_compiled(
+    regional, invariant, tiny_qwen3, hf_tiny_qwen3, qwen_tokenizer, device
+):
+    if invariant and device != "cpu":
+        pytest.skip("batch_invariant is built for the CPU")
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
     expected = hf_greedy(hf_tiny_qwen3, ids, 8)
-    overrides = {"compile.warmup": "background", "compile.regional": regional}
+    overrides = {"compile.warmup": "background", "compile.regional": regional, "batch_invariant": invariant}
     llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device, **overrides)
     runner = llm.engine.runner
     compiled_plans = []
