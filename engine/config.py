@@ -302,6 +302,11 @@ class EngineConfig:
             )
             mb = self.spec.kwargs.get("memory_mb", 64)
             _require(isinstance(mb, (int, float)) and mb > 0, "spec.memory_mb", mb, "must be a positive number")
+            quant = self.spec.kwargs.get("quant")
+            choices = group_choices("quant")
+            _require(quant is None or quant in choices, "spec.quant", quant, f"expected null or one of {choices}")
+            sample = self.spec.kwargs.get("sample_drafts", True)
+            _require(isinstance(sample, bool), "spec.sample_drafts", sample, "must be true or false")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -354,6 +359,11 @@ def _attention_for_device(node: dict[str, Any], device: str) -> dict[str, Any]:
         return node
     kind = str(device).split(":")[0]
     return {"_target_": node.get(kind, node["cpu"])}  # an unknown device is refused with its own key
+
+
+def quant_choice(name: str) -> Component:
+    """configs/quant/<name>.yaml as a component (a draft model's own `spec.quant`)."""
+    return _component("quant", OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "quant" / f"{name}.yaml")))
 
 
 def _component(group: str, node: dict[str, Any]) -> Component:

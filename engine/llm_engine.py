@@ -221,7 +221,7 @@ class LLMEngine:
         sequence may still generate, and cut where a constrained sequence's grammar refuses a token."""
         seqs = []
         for seq in self.scheduler.running:
-            seq.draft_token_ids = []
+            seq.draft_token_ids, seq.draft_probs = [], []
             if seq.num_computed_tokens + 1 == seq.num_tokens:
                 seqs.append(seq)
         if self.governor is not None and not self.governor.allow(len(seqs)):
@@ -238,11 +238,13 @@ class LLMEngine:
         """Sample each sequence's next token; a speculating one then samples again after each draft token its
         sample equals, keeping the longest agreeing run plus the token that ended it.
 
-        Lossless by construction: a draft proposes one token with certainty, and for such a proposal the
+        Lossless by construction: for a token proposed with certainty (prompt lookup, a greedy draft) the
         speculative-sampling rule (accept with probability p(x), else draw from p without x; Leviathan et
-        al. 2023) is exactly "draw from p and accept when the draw is x". So each kept token is drawn from the
-        target's distribution given everything before it, with penalties, grammar and top-k/top-p/min-p
-        applied as without speculation, and greedy sequences get the same tokens as without it.
+        al. 2023) is exactly "draw from p and accept when the draw is x"; a token a draft model sampled from q
+        is kept with probability min(1, p(x)/q(x)) by the sampler, which otherwise draws a different token.
+        So each kept token is drawn from the target's distribution given everything before it, with
+        penalties, grammar and top-k/top-p/min-p applied as without speculation, and greedy sequences get the
+        same tokens as without it.
         """
         firsts = list(itertools.accumulate((1 + len(s.draft_token_ids) for s in seqs), initial=0))
         outputs: dict[int, StepOutput] = {}
@@ -255,7 +257,8 @@ class LLMEngine:
                 step_logits = logits[torch.tensor(index, device=logits.device)]
             else:
                 step_logits = logits
-            tokens, logprobs = self.sampler(self._constrain(step_logits, rows), rows, raw=step_logits)
+            drafts = [_sampled_draft(s, depth) for s in rows]
+            tokens, logprobs = self.sampler(self._constrain(step_logits, rows), rows, raw=step_logits, drafts=drafts)
             still = []
             for j, seq, token, lp in zip(alive, rows, tokens, logprobs):
                 drafted = depth < len(seq.draft_token_ids) and seq.draft_token_ids[depth] == token
@@ -282,7 +285,7 @@ class LLMEngine:
         self.spec_stats["spec_steps"] += 1
         self.spec_stats["spec_proposed_tokens"] += proposed
         self.spec_stats["spec_accepted_tokens"] += accepted
-        seq.draft_token_ids = []
+        seq.draft_token_ids, seq.draft_probs = [], []
         if seq.status is Status.RUNNING:
             self.kv.trim(seq)
 
@@ -363,3 +366,10 @@ class LLMEngine:
             "prefill_compiled": int(self.runner.graphs.prefill is not None),
             **self.spec_stats,
         }
+
+
+def _sampled_draft(seq: Sequence, depth: int) -> tuple[int, torch.Tensor] | None:
+    """The draft token at `depth` and the distribution it was sampled from, if it was sampled."""
+    if depth < len(seq.draft_token_ids) and depth < len(seq.draft_probs):
+        return seq.draft_token_ids[depth], seq.draft_probs[depth]
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
+from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_probs
 from engine.outputs import TokenLogprob
 from engine.sequence import Sequence
 
@@ -29,9 +29,15 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(
-        self, logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        raw: torch.Tensor | None = None,
+        drafts: list[tuple[int, torch.Tensor] | None] | None = None,
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Next tokens from `logits`; reported logprobs come from `raw` (the model's own, default `logits`)."""
+        """Next tokens from `logits`; reported logprobs come from `raw` (the model's own, default `logits`).
+        `drafts` holds, per row, a token a draft model sampled for this position and the distribution it was
+        drawn from (None where there is none): such a row keeps it or resamples (`_accept_or_resample`)."""
         device = logits.device
         params = [s.params for s in seqs]
         raw = logits if raw is None else raw
@@ -44,16 +50,11 @@ class Sampler:
         # step to finish before the next could be prepared.
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
-            temperature = _column(seqs, "temperature", torch.float32, device).clamp(min=1e-5).unsqueeze(1)
-            filtered = apply_top_k_top_p_min_p(
-                logits / temperature,
-                _column(seqs, "top_k", torch.long, device),
-                _column(seqs, "top_p", torch.float32, device),
-                _column(seqs, "min_p", torch.float32, device),
-                top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
-                min_p_used=any(p.min_p > 0 for p in params),
-            )
-            sampled = sample_from_logits(filtered, self._noise(seqs, logits.shape[-1], device))
+            probs = self.distribution(logits, seqs)
+            noise = self._noise(seqs, logits.shape[-1], device)
+            sampled = sample_from_probs(probs, noise)
+            if drafts is not None and any(d is not None for d in drafts):
+                sampled = self._accept_or_resample(probs, noise, sampled, seqs, drafts)
             greedy = torch.tensor([p.greedy for p in params], device=device)
             tokens = torch.where(greedy, tokens, sampled)
 
@@ -68,16 +69,78 @@ class Sampler:
                 logprobs[i] = (lp, top[: params[i].top_logprobs])
         return tokens.tolist(), logprobs
 
+    def distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """What a sampled row draws from: softmax of its logits at its temperature, after top-k/top-p/min-p."""
+        device = logits.device
+        params = [s.params for s in seqs]
+        temperature = _column(seqs, "temperature", torch.float32, device).clamp(min=1e-5).unsqueeze(1)
+        filtered = apply_top_k_top_p_min_p(
+            logits.float() / temperature,
+            _column(seqs, "top_k", torch.long, device),
+            _column(seqs, "top_p", torch.float32, device),
+            _column(seqs, "min_p", torch.float32, device),
+            top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
+            min_p_used=any(p.min_p > 0 for p in params),
+        )
+        return filtered.softmax(dim=-1)
+
+    def draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row from `probs` with the rows' own noise (a seeded request's from its generator)."""
+        return sample_from_probs(probs, self._noise(seqs, probs.shape[-1], probs.device))
+
+    def _accept_or_resample(
+        self,
+        probs: torch.Tensor,
+        noise: torch.Tensor,
+        sampled: torch.Tensor,
+        seqs: list[Sequence],
+        drafts: list[tuple[int, torch.Tensor] | None],
+    ) -> torch.Tensor:
+        """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for a draft token x drawn from q: keep
+        x with probability min(1, p(x) / q(x)), else draw from max(0, p - q) renormalised. Either way the token
+        is distributed as p, and a rejected x is never drawn again (its residual is 0), so the caller's "the
+        token equals the draft" is the acceptance test."""
+        device = probs.device
+        rows = [i for i, d in enumerate(drafts) if d is not None and not seqs[i].params.greedy]
+        if not rows:
+            return sampled
+        index = torch.tensor(rows, device=device)
+        x = torch.tensor([drafts[i][0] for i in rows], device=device).unsqueeze(1)
+        p = probs[index]
+        q = torch.stack([drafts[i][1] for i in rows]).to(device=device, dtype=p.dtype)
+        q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))  # a draft vocabulary may be shorter
+        ratio = p.gather(1, x).squeeze(1) / q.gather(1, x).squeeze(1)
+        residual = (p - q).clamp(min=0)
+        # p <= q everywhere means p == q up to rounding; the draft is then kept but for a rounding's chance.
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
+        chosen = torch.where(
+            self._uniform([seqs[i] for i in rows], device) < ratio,
+            x.squeeze(1),
+            sample_from_probs(residual, noise[index]),
+        )
+        return sampled.index_copy(0, index, chosen)
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if device.type != self.generator.device.type:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return self.generator
+
     def _noise(self, seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
         """Exp(1) noise per row, drawn where the logits are (a [B, V] host tensor copied to a GPU each step
         would cost more than the step); seeded requests draw theirs from their own (host) generator."""
-        if device.type != self.generator.device.type:
-            self.generator = torch.Generator(device).manual_seed(self.seed)
-        noise = torch.empty(len(seqs), vocab, device=device).exponential_(generator=self.generator)
+        noise = torch.empty(len(seqs), vocab, device=device).exponential_(generator=self._generator_for(device))
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 noise[i] = torch.empty(vocab).exponential_(generator=s.generator).to(device)
         return noise
+
+    def _uniform(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+        """U(0, 1) per row, from the same generators as `_noise`."""
+        u = torch.rand(len(seqs), device=device, generator=self._generator_for(device))
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                u[i] = torch.rand(1, generator=s.generator).to(device)
+        return u
 
     @staticmethod
     def _bias(logits: torch.Tensor, params: list) -> torch.Tensor:

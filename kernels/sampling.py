@@ -57,9 +57,8 @@ def apply_top_k_top_p_min_p(
     return logits
 
 
-def sample_from_logits(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Draw one token per row from softmax(logits) by the exponential race: argmax p_i / E_i with
-    E_i ~ Exp(1) is an exact sample, needs no cumulative sum, and takes per-row noise so each
-    request's seed alone decides its draw."""
-    probs = logits.softmax(dim=-1)
+def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from `probs` by the exponential race: argmax p_i / E_i with E_i ~ Exp(1) is an
+    exact sample, needs no cumulative sum, and takes per-row noise so each request's seed alone decides its
+    draw."""
     return (probs / noise).argmax(dim=-1)

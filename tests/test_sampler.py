@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_logits
+from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_probs
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -78,9 +78,30 @@ def test_exponential_race_samples_the_distribution():
     n = 40000
     g = torch.Generator().manual_seed(0)
     noise = torch.empty(n, 4).exponential_(generator=g)
-    draws = sample_from_logits(probs.log().expand(n, 4), noise)
+    draws = sample_from_probs(probs.expand(n, 4), noise)
     freq = torch.bincount(draws, minlength=4).float() / n
     assert torch.allclose(freq, probs, atol=0.01)
+
+
+@pytest.mark.parametrize("q", [[0.1, 0.2, 0.3, 0.4], [0.5, 0.3, 0.15, 0.05], [0.0, 0.0, 0.5, 0.5]])
+def test_accepting_a_sampled_draft_with_min_1_p_over_q_keeps_p(q):
+    """Draft tokens drawn from q, kept with probability min(1, p/q) or replaced by a draw from max(0, p - q):
+    the kept tokens are distributed as p, and a replaced token never equals its draft."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor(q)
+    n = 40000
+    g = torch.Generator().manual_seed(1)
+    x = torch.multinomial(q, n, replacement=True, generator=g)
+    seqs = [_seq(f"r{i}", temperature=1.0) for i in range(n)]
+    sampler = Sampler(seed=2)
+    probs = p.expand(n, 4)
+    noise = torch.empty(n, 4).exponential_(generator=g)
+    drafts = [(int(t), q) for t in x]
+    tokens = sampler._accept_or_resample(probs, noise, sample_from_probs(probs, noise), seqs, drafts)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    assert torch.allclose(freq, p, atol=0.01), freq
+    kept = (tokens == x).float().mean().item()
+    assert abs(kept - torch.minimum(p, q).sum().item()) < 0.01  # acceptance is 1 - TV(p, q)
 
 
 def _seq(rid: str, **params) -> Sequence:

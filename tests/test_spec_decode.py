@@ -40,6 +40,8 @@ CONFIGS = {
     "k8-not-adaptive": {"enforce_eager": True, "spec.num_tokens": 8, "spec.adaptive": False, "spec.min_ngram": 1},
     # Timed: whether drafts run is the governor's choice, the output the same either way.
     "governed": {"enforce_eager": True, "spec.only_when_faster": True},
+    # The draft in int8 beside a float target (spec=draft only).
+    "int8-draft": {"enforce_eager": True, "spec.quant": "int8"},
 }
 SLOW = {"flex", "compiled"}
 
@@ -69,21 +71,25 @@ def _pool_is_full(llm: LLM) -> bool:
     return s["running"] == s["waiting"] == 0 and s["kv_pages_free"] + s["kv_pages_evictable"] == s["kv_pages_total"]
 
 
-@pytest.fixture(scope="module")
-def noisy_draft(tiny_vocab, tmp_path_factory):
-    """The target with noise on every weight: a draft that agrees with it often, not always."""
+def _noisy_copy(model_dir, out_dir, scale: float = 0.1):
+    """The model with noise on every weight: a draft that agrees with it often, not always."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_vocab, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1 * p.std())
-    return save_checkpoint(model, tmp_path_factory.mktemp("noisy-draft"), files_from=tiny_vocab)
+            p.add_(torch.randn_like(p) * scale * p.std())
+    return save_checkpoint(model, out_dir, files_from=model_dir)
 
 
-DRAFT_CONFIGS = ("eager", "chunked-prefill-7", "no-prefix-cache", "preempting", "compiled")
-SPEC_CASES = [("ngram", name) for name in CONFIGS] + [("draft", name) for name in DRAFT_CONFIGS]
+@pytest.fixture(scope="module")
+def noisy_draft(tiny_vocab, tmp_path_factory):
+    return _noisy_copy(tiny_vocab, tmp_path_factory.mktemp("noisy-draft"))
+
+
+DRAFT_CONFIGS = ("eager", "chunked-prefill-7", "no-prefix-cache", "preempting", "compiled", "int8-draft")
+SPEC_CASES = [("ngram", name) for name in CONFIGS if name != "int8-draft"] + [("draft", n) for n in DRAFT_CONFIGS]
 
 
 @pytest.mark.parametrize(
@@ -115,6 +121,11 @@ def test_greedy_speculation_matches_transformers(spec, name, request, tiny_vocab
     assert spec != "draft" or llm.engine.proposer.pool_is_free(), "the draft's KV pages leaked"
     if name == "preempting":
         assert stats["preemptions"] > 0
+    if name == "int8-draft":
+        kinds = {type(m).__name__ for m in llm.engine.proposer.runner.model.modules()}
+        assert "Int8Linear" in kinds and "Int8Linear" not in {
+            type(m).__name__ for m in llm.engine.runner.model.modules()
+        }
 
 
 def test_logprobs_n_and_max_tokens_inside_an_accepted_run(tiny_vocab, prompts):
@@ -220,20 +231,33 @@ def _exact_distribution(model_dir, prompt: list[int], top_p: float) -> dict[tupl
     return {k: v for k, v in exact.items() if v > 0}
 
 
-@pytest.mark.parametrize(("spec", "top_p"), [("ngram", 1.0), ("ngram", 0.8), ("draft", 1.0)])
+DISTRIBUTION_CASES = [
+    ("ngram", 1.0),
+    ("ngram", 0.8),
+    ("greedy-draft", 1.0),
+    ("sampled-draft", 1.0),
+    ("sampled-draft", 0.8),
+]
+
+
+@pytest.mark.parametrize(("spec", "top_p"), DISTRIBUTION_CASES)
 def test_sampling_keeps_the_target_distribution(tmp_path, spec, top_p):
-    """With a proposal at every step (prompt lookup, or the model as its own greedy draft), the sampled tokens
-    are distributed as the target model's: total variation of the (second, third) token pair from the exact
-    distribution, over 4000 seeds (the second is verified against a draft, the third is the target's own after
-    it)."""
+    """With a proposal at every step (prompt lookup; the model as its own greedy draft; a noisy copy's sampled
+    draft, kept with probability min(1, p/q)), the sampled tokens are distributed as the target model's: total
+    variation of the (second, third) token pair from the exact distribution, over 4000 seeds (the second is
+    verified against a draft, the third is the target's own after it, or a draft's)."""
     model_dir = make_tiny_qwen3(tmp_path / "m", vocab=6, seed=2)
-    proposer = {"spec.min_ngram": 1} if spec == "ngram" else {"spec.model.path": str(model_dir)}
+    proposer = {
+        "ngram": {"spec.min_ngram": 1},
+        "greedy-draft": {"spec.model.path": str(model_dir), "spec.sample_drafts": False},
+        "sampled-draft": {"spec.model.path": str(_noisy_copy(model_dir, tmp_path / "d", scale=0.5))},
+    }[spec]
     llm = LLM(
         str(model_dir),
         dtype=torch.float32,
         progress_bar=False,
         enforce_eager=True,
-        spec=spec,
+        spec="ngram" if spec == "ngram" else "draft",
         max_running_requests=256,
         **{"spec.adaptive": False, **proposer},
         **ALWAYS,
@@ -256,6 +280,33 @@ def test_sampling_keeps_the_target_distribution(tmp_path, spec, top_p):
     accepted = sum(o.usage.accepted_prediction_tokens for o in outs)
     rejected = sum(o.usage.rejected_prediction_tokens for o in outs)
     assert accepted > n / 10 and rejected > n / 10, (accepted, rejected, prompt)
+
+
+def test_sampled_drafts_are_accepted_where_the_draft_agrees(tiny_vocab, prompts):
+    """The target as its own draft at temperature 1: a sampled draft (q = p up to the step's rounding) is kept
+    almost always, a greedy one only when the target's own draw happens to be its argmax; and with greedy
+    drafts a seeded request samples exactly the tokens it samples without speculation."""
+    params = [SamplingParams(max_tokens=24, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    plain = LLM(tiny_vocab, dtype=torch.float32, progress_bar=False, enforce_eager=True)
+    without = [o.outputs[0].token_ids for o in plain.generate_outputs(prompts, params)]
+    rates, tokens = {}, {}
+    for sample in (True, False):
+        llm = LLM(
+            tiny_vocab,
+            dtype=torch.float32,
+            progress_bar=False,
+            enforce_eager=True,
+            spec="draft",
+            **{"spec.model.path": tiny_vocab, "spec.sample_drafts": sample, "spec.adaptive": False},
+            **ALWAYS,
+        )
+        outs = llm.generate_outputs(prompts, params)
+        tokens[sample] = [o.outputs[0].token_ids for o in outs]
+        accepted = sum(o.usage.accepted_prediction_tokens for o in outs)
+        rates[sample] = accepted / (accepted + sum(o.usage.rejected_prediction_tokens for o in outs))
+        assert _pool_is_full(llm) and llm.engine.proposer.pool_is_free()
+    assert rates[True] > 0.95 and rates[False] < 0.8, rates
+    assert tokens[False] == without and tokens[True] != without
 
 
 def test_ngram_proposes_what_followed_the_latest_match():
@@ -294,7 +345,12 @@ def test_bad_spec_settings_are_refused_naming_the_key(key, value):
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [({"spec": "draft"}, "spec.model.path"), ({"spec": "draft", "spec.model.path": "x", "parallel.tp": 2}, "spec")],
+    [
+        ({"spec": "draft"}, "spec.model.path"),
+        ({"spec": "draft", "spec.model.path": "x", "parallel.tp": 2}, "spec"),
+        ({"spec": "draft", "spec.model.path": "x", "spec.sample_drafts": "yes"}, "spec.sample_drafts"),
+        ({"spec": "draft", "spec.model.path": "x", "spec.quant": "q4"}, "spec.quant"),
+    ],
 )
 def test_draft_settings_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=rf"invalid {key}="):

@@ -1,15 +1,17 @@
 """Draft-model proposals (`spec=draft`): a smaller model that shares the target's tokenizer proposes its own
-greedy continuation, k tokens one step at a time, for every speculating sequence at once.
+continuation, k tokens one step at a time, for every speculating sequence at once.
 
 The draft keeps its own paged KV (a pool of `spec.memory_mb`, no prefix sharing) and, per sequence, a shadow
 `Sequence` holding what it has computed. Before proposing it catches up on the tokens the target added since
 (the prompt the first time; afterwards the accepted draft and the target's own token): its K/V for a rejected
 guess is simply overwritten, as positions past the common prefix are recomputed.
 
-A greedy draft proposes each token with certainty, so the engine's verification (draw from the target's
-distribution, keep the draft token while the draw equals it) is exactly speculative sampling's rule for it:
-output is distributed as the target's at any temperature. A sampled draft with the min(1, p/q) rule would accept
-more at high temperature; at temperature 0 the two are the same.
+A greedy request gets the draft's greedy tokens. A sampled one (temperature > 0) gets tokens the draft samples
+at the request's temperature, top-k, top-p and min-p, each with the distribution q it was drawn from, which the
+verification keeps with probability min(1, p/q) (engine/sampler.py): speculative sampling, whose acceptance is
+1 - TV(p, q) where a greedy draft's is only p(argmax q) — at temperature 1 with the target as its own draft,
+every token against 41% (tests/test_spec_decode.py). `spec.sample_drafts=false` proposes
+greedily at every temperature, so a seeded request's tokens equal those without speculation.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from engine.kv_cache import pages_for_budget
 from engine.kv_manager import KVManager
 from engine.prefix_cache import NoPrefixCache
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -30,20 +35,32 @@ log = logging.getLogger(__name__)
 
 class DraftProposer(Proposer):
     def __init__(
-        self, model: dict[str, Any] | None = None, memory_mb: float = 64, num_tokens: int = 3, **kwargs
+        self,
+        model: dict[str, Any] | None = None,
+        memory_mb: float = 64,
+        num_tokens: int = 3,
+        sample_drafts: bool = True,
+        quant: str | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(num_tokens, **kwargs)  # the values were checked with the config (engine/config.py)
         self.path = (model or {}).get("path")
         self.memory_mb = memory_mb
+        self.sample_drafts = sample_drafts
+        self.quant = quant  # a configs/quant choice for the draft; None: the target's
+        self.sampler = Sampler()
         self.runner = self.kv = None
         self.vocab_size = 0
 
     def describe(self) -> str:
-        return f"draft model {self.path}, {super().describe()}"
+        drafts = "sampled at the request's temperature" if self.sample_drafts else "greedy"
+        quant = f", quant={self.quant}" if self.quant else ""
+        return f"draft model {self.path} ({drafts}{quant}), {super().describe()}"
 
     def attach(self, cfg: Any, target_vocab_size: int) -> None:
-        """Load the draft model beside the target: the same attention, compile and quant choices, its own pool."""
-        from engine.config import KVCacheConfig, ModelSettings
+        """Load the draft model beside the target: the same attention and compile choices, the target's quant
+        unless `spec.quant` names one, its own pool."""
+        from engine.config import KVCacheConfig, ModelSettings, quant_choice
         from engine.model_runner import build_runner, kv_heads_per_rank
         from engine.models.loader import load_config
         from engine.models.source import resolve_model
@@ -54,6 +71,7 @@ class DraftProposer(Proposer):
         draft_cfg = cfg.replace(
             model=ModelSettings(path=str(source.path), max_model_len=cfg.model.max_model_len),
             kv_cache=KVCacheConfig(page_size=cfg.kv_cache.page_size, memory_mb=self.memory_mb),
+            quant=cfg.quant if self.quant is None else quant_choice(self.quant),
         )
         tp = TPGroup(0, 1)
         page_size = cfg.kv_cache.page_size
@@ -68,6 +86,7 @@ class DraftProposer(Proposer):
         cache = NoPrefixCache(allocator, page_size, window_allocator)
         self.kv = KVManager(allocator, cache, page_size, window_allocator, window)
         self.budget = cfg.scheduler.max_num_batched_tokens
+        self.sampler = Sampler(cfg.seed)
         self.vocab_size = min(mc.vocab_size, target_vocab_size)  # a proposal must be a token of both
         log.info("draft model: %s (%d layers, %d KV pages)", source.path.name, mc.num_layers, num_pages)
 
@@ -99,8 +118,10 @@ class DraftProposer(Proposer):
     # -- proposing ------------------------------------------------------------------------------------
 
     def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
+        """Also leaves each sampled draft's distributions in `seq.draft_probs`."""
         lengths = [min(n, self.length(s)) if n > 0 else 0 for s, n in zip(seqs, limits)]
         drafts: list[list[int]] = [[] for _ in seqs]
+        self._owners = seqs
         shadows = {i: self._shadow(s) for i, s in enumerate(seqs) if lengths[i] > 0}
         self._catch_up(shadows, drafts)
         for depth in range(1, max(lengths, default=0)):
@@ -128,7 +149,7 @@ class DraftProposer(Proposer):
         self, shadows: dict[int, Sequence], drafts: list[list[int]], counts: dict[int, int] | None = None
     ) -> None:
         """One draft step over `shadows` (`counts` new tokens each, else one); those that reach their last token
-        get their next greedy token appended to their draft. A shadow the draft pool has no room for stops
+        get their next token appended to their draft (`_choose`). A shadow the draft pool has no room for stops
         proposing (its draft so far stands)."""
         rows, news = [], []
         for i, shadow in shadows.items():
@@ -145,9 +166,22 @@ class DraftProposer(Proposer):
         logits, sampling_rows, _ = self.runner.run(batch)
         for shadow, n in zip(batch.seqs, news):
             shadow.num_computed_tokens += n
-        tokens = logits[:, : self.vocab_size].argmax(dim=-1).tolist()
-        for r, token in zip(sampling_rows, tokens):
-            drafts[rows[r]].append(token)
+        self._choose(logits[:, : self.vocab_size], [rows[r] for r in sampling_rows], drafts)
+
+    def _choose(self, logits: torch.Tensor, owners: list[int], drafts: list[list[int]]) -> None:
+        """Each row's next draft token: the argmax for a greedy request, else a draw from the draft's
+        distribution at the request's sampling settings, which is kept beside it for the verification."""
+        seqs = [self._owners[i] for i in owners]
+        tokens = logits.argmax(dim=-1)
+        sampled = [r for r, s in enumerate(seqs) if self.sample_drafts and not s.params.greedy]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            probs = self.sampler.distribution(logits[index], [seqs[r] for r in sampled])
+            tokens = tokens.index_copy(0, index, self.sampler.draw(probs, [seqs[r] for r in sampled]))
+            for r, q in zip(sampled, probs):
+                seqs[r].draft_probs.append(q)
+        for i, token in zip(owners, tokens.tolist()):
+            drafts[i].append(token)
 
     def pool_is_free(self) -> bool:
         """Every draft page is back (no sequence holds a shadow)."""
