@@ -51,10 +51,9 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
             probs = self.distribution(logits, seqs)
-            noise = self._noise(seqs, logits.shape[-1], device)
-            sampled = sample_from_probs(probs, noise)
+            sampled = self.draw(probs, seqs)
             if drafts is not None and any(d is not None for d in drafts):
-                sampled = self._accept_or_resample(probs, noise, sampled, seqs, drafts)
+                sampled = self._accept_or_resample(probs, sampled, seqs, drafts)
             greedy = torch.tensor([p.greedy for p in params], device=device)
             tokens = torch.where(greedy, tokens, sampled)
 
@@ -85,13 +84,12 @@ class Sampler:
         return filtered.softmax(dim=-1)
 
     def draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per row from `probs` with the rows' own noise (a seeded request's from its generator)."""
-        return sample_from_probs(probs, self._noise(seqs, probs.shape[-1], probs.device))
+        """One token per row from `probs`, with one uniform per row (a seeded request's from its generator)."""
+        return sample_from_probs(probs, self._uniform(seqs, probs.device))
 
     def _accept_or_resample(
         self,
         probs: torch.Tensor,
-        noise: torch.Tensor,
         sampled: torch.Tensor,
         seqs: list[Sequence],
         drafts: list[tuple[int, torch.Tensor] | None],
@@ -113,11 +111,8 @@ class Sampler:
         residual = (p - q).clamp(min=0)
         # p <= q everywhere means p == q up to rounding; the draft is then kept but for a rounding's chance.
         residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
-        chosen = torch.where(
-            self._uniform([seqs[i] for i in rows], device) < ratio,
-            x.squeeze(1),
-            sample_from_probs(residual, noise[index]),
-        )
+        owners = [seqs[i] for i in rows]
+        chosen = torch.where(self._uniform(owners, device) < ratio, x.squeeze(1), self.draw(residual, owners))
         return sampled.index_copy(0, index, chosen)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
@@ -125,17 +120,9 @@ class Sampler:
             self.generator = torch.Generator(device).manual_seed(self.seed)
         return self.generator
 
-    def _noise(self, seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
-        """Exp(1) noise per row, drawn where the logits are (a [B, V] host tensor copied to a GPU each step
-        would cost more than the step); seeded requests draw theirs from their own (host) generator."""
-        noise = torch.empty(len(seqs), vocab, device=device).exponential_(generator=self._generator_for(device))
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                noise[i] = torch.empty(vocab).exponential_(generator=s.generator).to(device)
-        return noise
-
     def _uniform(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
-        """U(0, 1) per row, from the same generators as `_noise`."""
+        """U(0, 1) per row, drawn where the logits are (one host-to-device copy per step would cost more on a
+        GPU); a seeded request's from its own (host) generator."""
         u = torch.rand(len(seqs), device=device, generator=self._generator_for(device))
         for i, s in enumerate(seqs):
             if s.generator is not None:

@@ -73,14 +73,15 @@ def test_penalties_match_reference():
         assert torch.allclose(ours[i], ref, atol=1e-6)
 
 
-def test_exponential_race_samples_the_distribution():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+def test_inverse_cdf_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
     n = 40000
-    g = torch.Generator().manual_seed(0)
-    noise = torch.empty(n, 4).exponential_(generator=g)
-    draws = sample_from_probs(probs.expand(n, 4), noise)
-    freq = torch.bincount(draws, minlength=4).float() / n
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    u[:2] = torch.tensor([0.0, 1.0 - 2**-24])  # the ends: the first token, and never the trailing zero
+    draws = sample_from_probs(probs.expand(n, 6) * 3.0, u)  # rows need not sum to 1
+    freq = torch.bincount(draws, minlength=6).float() / n
     assert torch.allclose(freq, probs, atol=0.01)
+    assert freq[1] == freq[5] == 0 and draws[0] == 0 and draws[1] == 4
 
 
 @pytest.mark.parametrize("q", [[0.1, 0.2, 0.3, 0.4], [0.5, 0.3, 0.15, 0.05], [0.0, 0.0, 0.5, 0.5]])
@@ -95,9 +96,8 @@ def test_accepting_a_sampled_draft_with_min_1_p_over_q_keeps_p(q):
     seqs = [_seq(f"r{i}", temperature=1.0) for i in range(n)]
     sampler = Sampler(seed=2)
     probs = p.expand(n, 4)
-    noise = torch.empty(n, 4).exponential_(generator=g)
     drafts = [(int(t), q) for t in x]
-    tokens = sampler._accept_or_resample(probs, noise, sample_from_probs(probs, noise), seqs, drafts)
+    tokens = sampler._accept_or_resample(probs, sampler.draw(probs, seqs), seqs, drafts)
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert torch.allclose(freq, p, atol=0.01), freq
     kept = (tokens == x).float().mean().item()
