@@ -116,6 +116,8 @@ def experiment_runs(tiny: Path, tmp: Path) -> list[tuple[list[str], dict[str, st
         }
         if "kv_cache.memory_mb" in command:
             overrides["kv_cache.memory_mb"] = "64"
+        if "spec.model.path" in command:  # a draft model shares the target's tokenizer
+            overrides["spec.model.path"] = str(tiny)
         runs.append(([sys.executable, *with_overrides(args[1:], overrides)], env))
     return runs
 

@@ -309,6 +309,38 @@ def test_sampled_drafts_are_accepted_where_the_draft_agrees(tiny_vocab, prompts)
     assert tokens[False] == without and tokens[True] != without
 
 
+def test_a_draft_with_another_vocabulary_is_refused_and_padding_tokens_get_no_draft(tiny_vocab, tmp_path):
+    """A draft whose vocabulary differs by more than padding is refused at start-up naming spec.model.path; one
+    a token short (a padded target) drafts for every sequence but one holding the token it cannot embed."""
+    other = make_tiny_qwen3(tmp_path / "other", vocab=VOCAB * 2)
+    with pytest.raises(ValueError, match=r"spec\.model\.path.*share the target's tokenizer"):
+        LLM(str(tiny_vocab), dtype=torch.float32, progress_bar=False, spec="draft", **{"spec.model.path": str(other)})
+    target = make_tiny_qwen3(tmp_path / "target", vocab=200)
+    draft = make_tiny_qwen3(tmp_path / "draft", vocab=199)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 199, 4, 5]]
+    want = [
+        o.outputs[0].token_ids
+        for o in LLM(str(target), dtype=torch.float32, progress_bar=False, enforce_eager=True).generate_outputs(
+            prompts, params
+        )
+    ]
+    llm = LLM(
+        str(target),
+        dtype=torch.float32,
+        progress_bar=False,
+        enforce_eager=True,
+        spec="draft",
+        **{"spec.model.path": str(draft), "spec.adaptive": False},
+        **ALWAYS,
+    )
+    outs = llm.generate_outputs(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    proposed = [o.usage.accepted_prediction_tokens + o.usage.rejected_prediction_tokens for o in outs]
+    assert proposed[0] > 0 and proposed[1] == 0, proposed
+    assert _pool_is_full(llm) and llm.engine.proposer.pool_is_free()
+
+
 def test_ngram_proposes_what_followed_the_latest_match():
     proposer = NgramProposer(num_tokens=3, min_ngram=1, max_ngram=3, adaptive=False)
     params = SamplingParams()

@@ -68,6 +68,12 @@ class DraftProposer(Proposer):
 
         source = resolve_model(self.path)
         mc = load_config(source)
+        # Vocabularies padded differently (one family's sizes) are fine; a different tokenizer is not.
+        if abs(mc.vocab_size - target_vocab_size) > 0.01 * target_vocab_size:
+            raise ValueError(
+                f"invalid spec.model.path={self.path}: its vocabulary has {mc.vocab_size} tokens, the target's "
+                f"{target_vocab_size}; a draft model must share the target's tokenizer"
+            )
         draft_cfg = cfg.replace(
             model=ModelSettings(path=str(source.path), max_model_len=cfg.model.max_model_len),
             kv_cache=KVCacheConfig(page_size=cfg.kv_cache.page_size, memory_mb=self.memory_mb),
@@ -88,6 +94,7 @@ class DraftProposer(Proposer):
         self.budget = cfg.scheduler.max_num_batched_tokens
         self.sampler = Sampler(cfg.seed)
         self.vocab_size = min(mc.vocab_size, target_vocab_size)  # a proposal must be a token of both
+        self.embedded_tokens = mc.vocab_size
         log.info("draft model: %s (%d layers, %d KV pages)", source.path.name, mc.num_layers, num_pages)
 
     # -- per-sequence state ---------------------------------------------------------------------------
@@ -110,6 +117,11 @@ class DraftProposer(Proposer):
             self.kv.trim(shadow)
         return shadow
 
+    def _embeddable(self, shadow: Sequence) -> bool:
+        """Whether the draft can embed the tokens it has yet to compute: a token of the target's vocabulary
+        padding (one family's sizes differ) gets no draft rather than an out-of-range lookup."""
+        return max(shadow.token_ids[shadow.num_computed_tokens :], default=0) < self.embedded_tokens
+
     def forget(self, seq: Sequence) -> None:
         if seq.spec is not None and seq.spec.extra is not None:
             self.kv.release(seq.spec.extra)
@@ -123,6 +135,7 @@ class DraftProposer(Proposer):
         drafts: list[list[int]] = [[] for _ in seqs]
         self._owners = seqs
         shadows = {i: self._shadow(s) for i, s in enumerate(seqs) if lengths[i] > 0}
+        shadows = {i: shadow for i, shadow in shadows.items() if self._embeddable(shadow)}
         self._catch_up(shadows, drafts)
         for depth in range(1, max(lengths, default=0)):
             going = {i: d for i, d in shadows.items() if len(drafts[i]) == depth < lengths[i]}
