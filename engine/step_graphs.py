@@ -66,14 +66,21 @@ def _announce_compilations() -> None:
     on_compile_end(_compile_ended)
 
 
-def _named(fn: Callable[..., torch.Tensor], label: str) -> Callable[..., torch.Tensor]:
+def _named(fn: Callable[..., torch.Tensor], label: str, frozen: bool) -> Callable[..., torch.Tensor]:
     """`fn`, announcing itself by `label` (formatted with the step's token count) to the compile log lines:
-    one per compilation, instead of inductor's own output."""
+    one per compilation, instead of inductor's own output; and compiling with inductor's `freezing` as this
+    runner chose it. Inductor reads that flag from its global config when a graph compiles, which is inside a
+    call (torch.compile is lazy), so a second runner in the process (a quantized draft model, which turns it
+    off) changed it under the first: a bf16 target's 4-row verification beside an int4 draft compiled without
+    frozen, prepacked GEMMs and took 20 ms instead of 12 (2026-12-06)."""
 
     def call(input_ids: torch.Tensor, *args: Any) -> torch.Tensor:
         _calling.name = label.format(input_ids.shape[0])
         try:
-            return fn(input_ids, *args)
+            if torch._inductor.config.freezing == frozen:
+                return fn(input_ids, *args)
+            with torch._inductor.config.patch(freezing=frozen):
+                return fn(input_ids, *args)
         finally:
             _calling.name = None
 
@@ -172,12 +179,13 @@ class StepGraphs:
             # One layer traced, its code reused by all (the KV cache is an argument of `run_layer`): compiles
             # in a quarter of the time, decode as fast (docs/performance.md, 2026-12-01).
             self.model.run_layer = torch.compiler.nested_compile_region(run_layer)
+        frozen = torch._inductor.config.freezing  # as compile_options left it for this runner
         decode = torch.compile(decode_fn, **options, dynamic=self.backend.supports_dynamic_shapes)
         if not self.cfg.prefill:
-            return _named(decode, DECODE_LABEL), None
+            return _named(decode, DECODE_LABEL, frozen), None
         # CUDA graphs would record one graph per token count; there the prefill graph only fuses kernels.
         prefill = torch.compile(prefill_fn, **options, dynamic=True)
-        return _named(decode, DECODE_LABEL), _named(prefill, "prefill graph ({} tokens)")
+        return _named(decode, DECODE_LABEL, frozen), _named(prefill, "prefill graph ({} tokens)", frozen)
 
     def warm_up(self, decode_fn: DecodeFn, prefill_fn: PrefillFn) -> None:
         """Build the decode graphs (the smallest bucket, and the dynamic one for the others) and the prefill

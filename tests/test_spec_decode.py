@@ -341,6 +341,21 @@ def test_a_draft_with_another_vocabulary_is_refused_and_padding_tokens_get_no_dr
     assert _pool_is_full(llm) and llm.engine.proposer.pool_is_free()
 
 
+def test_each_runner_compiles_with_its_own_freezing():
+    """Inductor reads `freezing` globally when a graph compiles, inside the compiled function's first call: a
+    float target's graphs keep theirs (frozen, prepacked GEMMs) after a quantized draft's runner turned it off."""
+    import torch._inductor.config as inductor_config
+
+    from engine.step_graphs import _named
+
+    seen = []
+    step = _named(lambda ids: seen.append(inductor_config.freezing) or ids, "a graph", frozen=True)
+    with inductor_config.patch(freezing=False):  # what the draft's compile options leave behind
+        step(torch.zeros(1))
+        assert inductor_config.freezing is False
+    assert seen == [True]
+
+
 def test_ngram_proposes_what_followed_the_latest_match():
     proposer = NgramProposer(num_tokens=3, min_ngram=1, max_ngram=3, adaptive=False)
     params = SamplingParams()
