@@ -7,7 +7,8 @@ prompt-lookup decoding (llama-cpp-python's `LlamaPromptLookupDecoding`), at batc
     pip install llama-cpp-python
     python experiments/spec_decode.py
     python experiments/spec_decode.py bench.llama_cpp=false spec.num_tokens=8
-    python experiments/spec_decode.py bench.specs=[none,draft] spec=draft spec.model.path=smollm2 quant=none spec.quant=auto
+    python experiments/spec_decode.py bench.specs=[none,draft] spec=draft spec.model.path=smollm2 \
+        quant=none spec.quant=auto
 
 The last: SmolLM2's float weights (the file's values) verified, its int4 copy as the draft; with
 `bench.temperature=1` the requests sample (seeded per prompt), so the rates and acceptance are those of sampled
