@@ -45,9 +45,11 @@ def apply_top_k_top_p_min_p(
         kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        # A token survives top-p if the mass strictly above it is below p (so the top token always does).
+        # A token survives top-p if the mass strictly above it is below p, and the top token always does (a
+        # top_p too small for float32, 5e-324, is 0 here: it kept nothing, and the row sampled from NaNs).
         mass_above = probs.cumsum(dim=-1) - probs
         keep = mass_above < top_p.unsqueeze(1)
+        keep[:, 0] = True
         cutoff = torch.where(keep, sorted_logits, float("inf")).amin(dim=-1, keepdim=True)
         logits = logits.masked_fill((logits < kth) | (logits < cutoff), float("-inf"))
     if min_p_used:
@@ -67,4 +69,5 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     below_total = torch.nextafter(total, torch.zeros_like(total))  # u * total must stay inside the last interval
     target = torch.minimum(u.double().unsqueeze(1) * total, below_total)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # A row of NaNs (no finite logit left) would index past the vocabulary and take the engine down.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)

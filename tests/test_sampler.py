@@ -73,6 +73,19 @@ def test_penalties_match_reference():
         assert torch.allclose(ours[i], ref, atol=1e-6)
 
 
+def test_a_top_p_below_float32_keeps_the_top_token():
+    """top_p=5e-324 (valid JSON, > 0) is 0 in float32: the top token still survives, and sampling takes it (it
+    sampled from a row of NaNs and returned a token past the vocabulary, which killed the engine)."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5]])
+    kept = apply_top_k_top_p_min_p(
+        logits, torch.tensor([0]), torch.tensor([5e-324], dtype=torch.float32), torch.tensor([0.0])
+    )
+    assert torch.isfinite(kept).tolist() == [[False, True, False, False]]
+    tokens, _ = Sampler(seed=0)(logits, [_seq("r", temperature=1.0, top_p=5e-324)])
+    assert tokens == [1]
+    assert sample_from_probs(torch.full((1, 4), float("nan")), torch.tensor([0.5])).item() <= 3
+
+
 def test_inverse_cdf_samples_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
     n = 40000
