@@ -291,6 +291,13 @@ class ModelRunner:
                 return self._logits_at_every_token(plan.input_ids, plan.batch.positions, meta)
             return self._logits_at_rows(plan.input_ids, plan.batch.positions, plan.logit_rows, meta)
 
+    def run_as_token_rows(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits at each sequence's last scheduled token, every scheduled token run as a decode row of its own
+        (`_token_rows`): a draft model catching up on the 2 tokens the target added pays a decode step of 2 rows
+        instead of a prefill step (SmolLM2's int4 draft: 7 vs 20 ms, docs/performance.md, 2026-12-06)."""
+        logits = self.run(_token_rows(batch))[0]
+        return logits[[end - 1 for end in itertools.accumulate(batch.num_new_tokens)]]
+
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step (a speculating row's 1 + draft length of them, in order),
         which rows those are, and prompt logprobs by row."""

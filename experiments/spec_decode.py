@@ -20,15 +20,16 @@ every spec choice are compared with spec=none's and the count of identical ones 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from engine import LLM, SamplingParams
@@ -78,19 +79,20 @@ WORKLOADS = {
 Run = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, max new tokens) -> the outputs' tokens
 
 
+def decode_once(run: Run, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Decode tok/s of `run` over all prompts at once (the time to the first token taken out), and the outputs."""
+    t = time.perf_counter()
+    run(prompts, 1)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    outs = run(prompts, new_tokens)
+    total = time.perf_counter() - t
+    return sum(len(o) - 1 for o in outs) / max(total - first, 1e-9), outs
+
+
 def decode_rate(run: Run, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
-    """Median decode tok/s of `run` over all prompts at once, and the outputs."""
-
-    def once() -> tuple[float, list[list[int]]]:
-        t = time.perf_counter()
-        run(prompts, 1)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        outs = run(prompts, new_tokens)
-        total = time.perf_counter() - t
-        return sum(len(o) - 1 for o in outs) / max(total - first, 1e-9), outs
-
-    measured = [once() for _ in range(repeats)]
+    """Median of `repeats` `decode_once` rates, and the first outputs."""
+    measured = [decode_once(run, prompts, new_tokens) for _ in range(repeats)]
     return statistics.median(r for r, _ in measured), measured[0][1]
 
 
@@ -128,11 +130,16 @@ def engine_run(llm: LLM, temperature: float) -> Run:
     return run
 
 
+def spec_file(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "spec" / f"{name}.yaml"))
+
+
 def engine_config(cfg: DictConfig, spec: str) -> EngineConfig:
     cfg = cfg.copy()
-    # The command line's spec.* values apply to every choice.
-    given = {k: v for k, v in OmegaConf.to_container(cfg.spec).items() if k != "_target_"}
-    cfg.spec = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "spec" / f"{spec}.yaml"), given)
+    # The command line's spec.* values (those differing from the chosen group file's) apply to every choice.
+    chosen = spec_file(HydraConfig.get().runtime.choices.spec)
+    given = {k: v for k, v in OmegaConf.to_container(cfg.spec).items() if k != "_target_" and chosen.get(k) != v}
+    cfg.spec = OmegaConf.merge(spec_file(spec), given)
     return EngineConfig.from_dictconfig(cfg)
 
 
@@ -146,47 +153,67 @@ def prompt_sets(llm: LLM, b: DictConfig) -> dict[str, dict[int, list[list[int]]]
     return sets
 
 
+def warm_up(llm: LLM, sets: dict[str, dict[int, list[list[int]]]], b: DictConfig) -> None:
+    """The decode and prefill graphs, including the quantized layers' few-row variants a shrinking batch passes
+    through (compiling those inside a timed run cost it 30-45 s each)."""
+    run = engine_run(llm, b.temperature)
+    for name in b.workloads:
+        for batch in sorted({1, min(3, b.batch), min(7, b.batch), b.batch}):
+            run((sets[name][b.batch] * batch)[:batch], 8)
+
+
+def measure_in_turns(engines: dict[str, LLM], sets: dict[str, dict[int, list[list[int]]]], b: DictConfig) -> list[dict]:
+    """Every engine's rate on every workload and batch, in rounds that take each engine in turn (this machine's
+    speed drifts by 20-30% over minutes: engines measured one after the other minutes apart differed by 1.36x on
+    a workload where nothing was speculated); medians of `bench.repeats` rounds."""
+    measured: dict[tuple[str, str, int], list[tuple[float, list[list[int]], int, int]]] = {}
+    for _ in range(b.repeats):
+        for name in b.workloads:
+            for batch, prompts in sets[name].items():
+                for spec, llm in engines.items():
+                    before = llm.engine.stats()
+                    rate, outs = decode_once(engine_run(llm, b.temperature), prompts, b.new_tokens)
+                    after = llm.engine.stats()
+                    counts = [after[k] - before[k] for k in ("spec_proposed_tokens", "spec_accepted_tokens")]
+                    measured.setdefault((spec, name, batch), []).append((rate, outs, *counts))
+    rows = []
+    for (spec, name, batch), runs in measured.items():
+        rate = statistics.median(r[0] for r in runs)
+        base_rate = statistics.median(r[0] for r in measured[(b.specs[0], name, batch)])
+        outs, base_outs = runs[0][1], measured[(b.specs[0], name, batch)][0][1]
+        proposed, accepted = sum(r[2] for r in runs), sum(r[3] for r in runs)
+        rows.append(
+            {
+                "label": f"engine spec={spec}",
+                "workload": name,
+                "batch": batch,
+                "decode_tok_s": rate,
+                "vs_spec_none": rate / base_rate,
+                "identical_to_spec_none": sum(a == o for a, o in zip(base_outs, outs)),
+                "sequences": len(outs),
+                "mean_new_tokens": statistics.mean(len(o) for o in outs),
+                "acceptance": accepted / proposed if proposed else 0.0,
+            }
+        )
+        log.info("%s", rows[-1])
+    return rows
+
+
 @hydra.main(config_path="../configs", config_name="spec_decode", version_base=None)
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
     resolve_bench_model(cfg)
     rows: list[dict] = []
-    baseline: dict[tuple[str, int], tuple[float, list[list[int]]]] = {}
-    sets = None
-    for spec in b.specs:
-        t = time.perf_counter()
-        with LLM(config=engine_config(cfg, spec)) as llm:
-            sets = sets or prompt_sets(llm, b)
-            run = engine_run(llm, b.temperature)
-            # Warm-up: the decode and prefill graphs, including the quantized layers' few-row variants a
-            # shrinking batch passes through (compiling those inside a timed run cost it 30-45 s each).
-            for name in b.workloads:
-                for batch in sorted({1, min(3, b.batch), min(7, b.batch), b.batch}):
-                    run((sets[name][b.batch] * batch)[:batch], 8)
+    sets: dict[str, dict[int, list[list[int]]]] = {}
+    with ExitStack() as stack:  # every engine stays up until all are measured
+        engines = {}
+        for spec in b.specs:
+            t = time.perf_counter()
+            engines[spec] = stack.enter_context(LLM(config=engine_config(cfg, spec)))
+            sets = sets or prompt_sets(engines[spec], b)
+            warm_up(engines[spec], sets, b)
             log.info("engine spec=%s: loaded and warmed up in %.0f s", spec, time.perf_counter() - t)
-            for name in b.workloads:
-                for batch, prompts in sets[name].items():
-                    before = llm.engine.stats()
-                    rate, outs = decode_rate(run, prompts, b.new_tokens, b.repeats)
-                    after = llm.engine.stats()
-                    proposed = after["spec_proposed_tokens"] - before["spec_proposed_tokens"]
-                    accepted = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
-                    base_rate, base_outs = baseline.setdefault((name, batch), (rate, outs))
-                    rows.append(
-                        {
-                            "label": f"engine spec={spec}",
-                            "workload": name,
-                            "batch": batch,
-                            "decode_tok_s": rate,
-                            "vs_spec_none": rate / base_rate,
-                            "identical_to_spec_none": sum(a == o for a, o in zip(base_outs, outs)),
-                            "sequences": len(outs),
-                            "mean_new_tokens": statistics.mean(len(o) for o in outs),
-                            "acceptance": accepted / proposed if proposed else 0.0,
-                        }
-                    )
-                    log.info("%s", rows[-1])
-        gc.collect()
+        rows += measure_in_turns(engines, sets, b)
     if b.llama_cpp:
         source = resolve_model(cfg.model.path)
         if not source.is_gguf:

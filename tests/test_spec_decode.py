@@ -309,6 +309,29 @@ def test_sampled_drafts_are_accepted_where_the_draft_agrees(tiny_vocab, prompts)
     assert tokens[False] == without and tokens[True] != without
 
 
+def test_a_draft_catches_up_in_decode_rows(tiny_vocab, noisy_draft, prompts, reference):
+    """After a verification the draft computes the tokens the target added (its last drafted token and the
+    target's own) as decode rows of one token each, not as a prefill step: only the prompts go through prefill
+    steps, and the output is still the target's."""
+    llm = LLM(
+        str(tiny_vocab),
+        dtype=torch.float32,
+        progress_bar=False,
+        enforce_eager=True,
+        spec="draft",
+        **{"spec.model.path": str(noisy_draft), "spec.adaptive": False},
+        **ALWAYS,
+    )
+    runner, decode_only = llm.engine.proposer.runner, []
+    run = runner.run
+    runner.run = lambda batch: decode_only.append(batch.is_decode_only) or run(batch)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    for prompt, want in zip(prompts[:3], reference):
+        assert llm.generate_outputs([prompt], params)[0].outputs[0].token_ids == want
+    assert decode_only.count(False) == 3 and decode_only.count(True) > 20, decode_only
+    assert llm.engine.stats()["spec_accepted_tokens"] > 10
+
+
 def test_a_draft_with_another_vocabulary_is_refused_and_padding_tokens_get_no_draft(tiny_vocab, tmp_path):
     """A draft whose vocabulary differs by more than padding is refused at start-up naming spec.model.path; one
     a token short (a padded target) drafts for every sequence but one holding the token it cannot embed."""

@@ -145,9 +145,14 @@ class DraftProposer(Proposer):
         return drafts
 
     def _catch_up(self, shadows: dict[int, Sequence], drafts: list[list[int]]) -> None:
-        """Compute each shadow's missing tokens (in steps of at most the token budget); a shadow whose last
-        token is computed proposes its first token."""
-        pending = dict(shadows)
+        """Compute each shadow's missing tokens; a shadow whose last token is computed proposes its first token.
+        After a verification a shadow misses a few tokens (the last drafted one and the target's own), computed
+        as decode rows (`ModelRunner.run_as_token_rows`); a prompt, or what a paused sequence added, goes
+        through prefill steps of at most the token budget."""
+        few = {i: s for i, s in shadows.items() if 0 < s.num_tokens - s.num_computed_tokens <= 1 + self.num_tokens}
+        if few:
+            self._step(few, drafts, {i: s.num_tokens - s.num_computed_tokens for i, s in few.items()}, as_rows=True)
+        pending = {i: s for i, s in shadows.items() if i not in few}
         while pending:
             budget, batch = self.budget, {}
             for i, shadow in pending.items():
@@ -159,11 +164,16 @@ class DraftProposer(Proposer):
             pending = {i: s for i, s in pending.items() if s.num_computed_tokens < s.num_tokens}
 
     def _step(
-        self, shadows: dict[int, Sequence], drafts: list[list[int]], counts: dict[int, int] | None = None
+        self,
+        shadows: dict[int, Sequence],
+        drafts: list[list[int]],
+        counts: dict[int, int] | None = None,
+        as_rows: bool = False,
     ) -> None:
-        """One draft step over `shadows` (`counts` new tokens each, else one); those that reach their last token
-        get their next token appended to their draft (`_choose`). A shadow the draft pool has no room for stops
-        proposing (its draft so far stands)."""
+        """One draft step over `shadows` (`counts` new tokens each, else one; `as_rows`: a decode row per token,
+        every shadow's last one reached); those that reach their last token get their next token appended to
+        their draft (`_choose`). A shadow the draft pool has no room for stops proposing (its draft so far
+        stands)."""
         rows, news = [], []
         for i, shadow in shadows.items():
             n = 1 if counts is None else counts[i]
@@ -176,7 +186,10 @@ class DraftProposer(Proposer):
         if not rows:
             return
         batch = ScheduledBatch([shadows[i] for i in rows], news)
-        logits, sampling_rows, _ = self.runner.run(batch)
+        if as_rows:
+            logits, sampling_rows = self.runner.run_as_token_rows(batch), list(range(len(rows)))
+        else:
+            logits, sampling_rows, _ = self.runner.run(batch)
         for shadow, n in zip(batch.seqs, news):
             shadow.num_computed_tokens += n
         self._choose(logits[:, : self.vocab_size], [rows[r] for r in sampling_rows], drafts)
