@@ -309,17 +309,17 @@ def test_sampled_drafts_are_accepted_where_the_draft_agrees(tiny_vocab, prompts)
     assert tokens[False] == without and tokens[True] != without
 
 
-def test_a_draft_catches_up_in_decode_rows(tiny_vocab, noisy_draft, prompts, reference):
-    """After a verification the draft computes the tokens the target added (its last drafted token and the
-    target's own) as decode rows of one token each, not as a prefill step: only the prompts go through prefill
-    steps, and the output is still the target's."""
+def test_a_draft_catches_up_in_decode_rows(tiny_vocab, prompts, reference):
+    """After a verification that kept every drafted token the draft has two tokens to compute (its last drafted
+    token and the target's own): as decode rows of one token each, not as a prefill step, so only the prompts
+    go through prefill steps. The target as its own draft keeps (almost) every draft."""
     llm = LLM(
         str(tiny_vocab),
         dtype=torch.float32,
         progress_bar=False,
         enforce_eager=True,
         spec="draft",
-        **{"spec.model.path": str(noisy_draft), "spec.adaptive": False},
+        **{"spec.model.path": str(tiny_vocab), "spec.adaptive": False},
         **ALWAYS,
     )
     runner, decode_only = llm.engine.proposer.runner, []
@@ -329,7 +329,8 @@ def test_a_draft_catches_up_in_decode_rows(tiny_vocab, noisy_draft, prompts, ref
     for prompt, want in zip(prompts[:3], reference):
         assert llm.generate_outputs([prompt], params)[0].outputs[0].token_ids == want
     assert decode_only.count(False) == 3 and decode_only.count(True) > 20, decode_only
-    assert llm.engine.stats()["spec_accepted_tokens"] > 10
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0.9 * stats["spec_proposed_tokens"] > 30, stats
 
 
 def test_a_draft_with_another_vocabulary_is_refused_and_padding_tokens_get_no_draft(tiny_vocab, tmp_path):
