@@ -14,8 +14,9 @@ The last: SmolLM2's float weights (the file's values) verified, its int4 copy as
 `bench.temperature=1` the requests sample (seeded per prompt), so the rates and acceptance are those of sampled
 drafts (`spec.sample_drafts`) and the identical-output counts mean nothing.
 
-Decode rates exclude the prefill: (tokens - 1) / (time to all tokens - time to the first). The greedy outputs of
-every spec choice are compared with spec=none's and the count of identical ones is reported.
+Decode rates exclude the prefill: (tokens - 1) / (time to all tokens - time to the first). Every spec choice's
+engine stays up and they are measured in turns, round after round (medians of `bench.repeats`). The greedy
+outputs of every spec choice are compared with spec=none's and the count of identical ones is reported.
 """
 
 from __future__ import annotations

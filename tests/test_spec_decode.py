@@ -16,7 +16,7 @@ import torch
 from conftest import hf_greedy, make_tiny_qwen3, save_checkpoint, trim_at_eos
 
 from engine import LLM, SamplingParams
-from engine.config import ConfigError, compose_config
+from engine.config import ConfigError, compose_config, compose_overrides
 from engine.sequence import Sequence
 from engine.spec.governor import Governor
 from engine.spec.ngram import NgramProposer
@@ -414,6 +414,14 @@ def test_bad_spec_settings_are_refused_naming_the_key(key, value):
         compose_config(spec="ngram", **{key: value})
 
 
+@pytest.mark.parametrize("spec", ["none", "ngram", "draft"])
+def test_a_sweep_sets_the_shared_spec_keys_for_every_choice(spec):
+    """`-m spec=none,ngram spec.num_tokens=2,4,8` composes for every choice (spec=none takes and ignores them)."""
+    overrides = [f"spec={spec}", "spec.num_tokens=2", "spec.adaptive=false", "spec.only_when_faster=false"]
+    cfg = compose_overrides(overrides + ["++spec.model.path=x"])
+    assert cfg.spec.kwargs["num_tokens"] == 2 and cfg.spec.kwargs["adaptive"] is False
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -491,13 +499,15 @@ def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
 
 @pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_verification_rows_compute_what_decode_rows_compute(dtype, eager, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", ["int4", "none"])
+def test_verification_rows_compute_what_decode_rows_compute(quant, dtype, eager, tmp_path, monkeypatch):
     """Bit for bit: a verification step runs as a decode step of one row per token, so the logprob of every
     token, kept from a verification or from a plain decode step, is the one spec=none gives it (through the
     prefill graph, 3 of these 4 cases failed, fp32 included; compiled in bf16 the batch-1 graph parted too until
-    the residual stream and the one-row products were rounded explicitly, kernels/fusion.py `rounded`). The
-    model is quantized throughout (int4 layers, int8 heads: each of up to 8 rows is computed as a lone row; a
-    float GEMM's bits depend on its row count)."""
+    the residual stream and the one-row products were rounded explicitly, kernels/fusion.py `rounded`). Quantized
+    throughout (int4 layers, int8 heads), each of up to 8 rows is computed as a lone row; with float weights
+    (quant=none) every GEMM of up to 8 rows is one call of 8 (a GEMM's bits for a row depend on its row count:
+    every float case failed before that)."""
     from test_quantization import write_tiny_gguf
 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
@@ -507,7 +517,7 @@ def test_verification_rows_compute_what_decode_rows_compute(dtype, eager, tmp_pa
     spec = {"spec.num_tokens": 3, "spec.adaptive": False, "spec.min_ngram": 1}
     runs, stats = {}, {}
     for name, extra in (("none", {}), ("ngram", {"spec": "ngram", **ALWAYS, **spec})):
-        llm = LLM(str(path), dtype=dtype, quant="int4", cache="none", enforce_eager=eager, progress_bar=False, **extra)
+        llm = LLM(str(path), dtype=dtype, quant=quant, cache="none", enforce_eager=eager, progress_bar=False, **extra)
         outs = llm.generate_outputs(prompts, params) + llm.generate_outputs(prompts[:1], params)  # batch 2, 1
         runs[name] = [[(t, lp) for t, (lp, _) in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
         stats[name] = llm.engine.stats()

@@ -22,7 +22,7 @@ from torch import nn
 
 from engine.kernels.fusion import rounded
 from engine.kernels.paged import LayerCache, PagedAttentionBase
-from engine.kernels.quant_linear import FEW_ROWS, invariant_linear
+from engine.kernels.quant_linear import FEW_ROWS, few_float_rows, float_linear
 from engine.kernels.row_invariant import in_calls
 from engine.parallel import TPGroup, check_divisible, shard_heads, vocab_shard
 
@@ -261,14 +261,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with GEMM calls of fixed shapes where `invariant_rows` is set (kernels/row_invariant.py)."""
+    """nn.Linear whose few-row calls have one shape (`float_linear`), and every call a fixed shape where
+    `invariant_rows` is set (kernels/row_invariant.py)."""
 
     invariant_rows: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.invariant_rows is None:
-            return F.linear(x, self.weight, self.bias)
-        return invariant_linear(x, self.weight, self.bias, self.invariant_rows)
+        return float_linear(x, self.weight, self.bias, self.invariant_rows)
 
 
 class Attention(nn.Module):
@@ -413,8 +412,10 @@ class MoE(nn.Module):
         return out
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # The tokens routed to an expert: few in a decode step, a verification or a prefill step alike, so calls
+        # of up to FEW_ROWS compute each row as `float_linear` does; all calls are of FEW_ROWS in batch-invariant mode.
         if self.invariant_rows is None:
-            return F.linear(x, weight)
+            return float_linear(x, weight)
         return in_calls(lambda rows: F.linear(rows, weight), x, FEW_ROWS)
 
 
@@ -512,13 +513,13 @@ class CausalLM(nn.Module):
         hidden = self.norm(hidden)
         if not isinstance(self.lm_head, nn.Linear) or self.lm_head.invariant_rows:  # quantized, or batch-invariant
             local = self.lm_head(hidden)
-        elif torch.compiler.is_compiling():
-            # Inside a compiled graph a plain linear lets inductor pick its own GEMM for the frozen weight.
-            local = F.linear(hidden, self.lm_head.weight)
         else:
-            # Eagerly, W @ h.T beats F.linear: for the tall vocab matrix oneDNN picks a far better fp32
-            # kernel this way (measured 15 vs 31 ms at 8 rows on 2 cores).
-            local = torch.mm(self.lm_head.weight, hidden.T).T
+            w = self.lm_head.weight
+            # Compiled, a plain linear lets inductor pick its own GEMM for the frozen weight. Eagerly, W @ h.T beats
+            # F.linear: for the tall vocab matrix oneDNN picks a far better fp32 kernel (15 vs 31 ms at 8 rows on 2
+            # cores). Up to FEW_ROWS rows as `float_linear` computes them, and for its reason.
+            product = (lambda h: F.linear(h, w)) if torch.compiler.is_compiling() else (lambda h: torch.mm(w, h.T).T)
+            local = few_float_rows(product, hidden) if hidden.shape[0] <= FEW_ROWS else product(hidden)
         logits = self.tp.all_gather_last_dim(local)
         logits = logits[:, : self.config.vocab_size].float()
         cap = self.config.final_logit_softcapping
