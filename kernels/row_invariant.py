@@ -37,8 +37,8 @@ def in_calls(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, r
     """`product` of x's rows, called on `rows` rows at a time (the last call padded with zero rows; no rows
     still make one call, so that the output has its width)."""
     m = x.shape[0]
-    if m <= rows:  # padded by rows - m: compiled, the call's shape is then the constant `rows`, not a symbol
-        return product(F.pad(x, (0, 0, 0, rows - m)) if m < rows else x)[:m]
+    if m <= rows:  # padded by rows - m (even 0: a test of m < rows would be one more graph, for m == rows)
+        return product(F.pad(x, (0, 0, 0, rows - m)))[:m]
     padded = F.pad(x, (0, 0, 0, -m % rows))
     return torch.cat([product(c) for c in padded.split(rows)])[:m]
 
