@@ -159,7 +159,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         # Compiled, meta stays None: attention then reads it from `opaque_attention_step` (see
         # PagedAttentionBase.attend), so the graph holds no per-step metadata.
-        return self.model.compute_logits(self.model(input_ids, positions, meta)[rows])
+        return self.model.compute_logits(self.model(input_ids, positions, meta)[rows], decode_rows=False)
 
     # -- planning (rank 0) ---------------------------------------------------------------------------
 

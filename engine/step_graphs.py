@@ -203,8 +203,8 @@ class StepGraphs:
             decode, prefill = self._compile(decode_fn, prefill_fn)
             # The inputs look like the runner's (made outside inference mode, none aliasing another):
             # dynamo guards on both, and a mismatch compiled every graph again on the first real step.
-            # Quantized layers add one graph per few-row bucket (kernels/quant_linear.py); a float model's
-            # dynamic graph serves all of these sizes at once.
+            # Steps of up to FEW_ROWS rows take the few-row paths (kernels/quant_linear.py: one graph per bucket for
+            # quantized layers, one for float ones), more rows another graph.
             buckets, most = self.cfg.batch_buckets, self.decode_step_rows or 2 * FEW_ROWS
             sizes = [n for n in (*FEW_ROW_BUCKETS, 2 * FEW_ROWS) if n <= most]
             for b in sorted({buckets[0], *(min(buckets[-1], n) for n in sizes)}):

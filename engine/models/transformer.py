@@ -509,7 +509,10 @@ class CausalLM(nn.Module):
             x = self.run_layer(layer, x, positions, self.rope_of(layer), layer.kv_cache(), meta)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, decode_rows: bool = True) -> torch.Tensor:
+        """`decode_rows`: the rows are a decode step's (a float head then computes up to FEW_ROWS of them as
+        `float_linear` does); a prefill step's sampled rows take one plain product, so that the prefill graph
+        serves any number of them (the warm-up's 2 rows and a step of 9 prompts were two graphs otherwise)."""
         hidden = self.norm(hidden)
         if not isinstance(self.lm_head, nn.Linear) or self.lm_head.invariant_rows:  # quantized, or batch-invariant
             local = self.lm_head(hidden)
@@ -519,7 +522,8 @@ class CausalLM(nn.Module):
             # F.linear: for the tall vocab matrix oneDNN picks a far better fp32 kernel (15 vs 31 ms at 8 rows on 2
             # cores). Up to FEW_ROWS rows as `float_linear` computes them, and for its reason.
             product = (lambda h: F.linear(h, w)) if torch.compiler.is_compiling() else (lambda h: torch.mm(w, h.T).T)
-            local = few_float_rows(product, hidden) if hidden.shape[0] <= FEW_ROWS else product(hidden)
+            few = decode_rows and hidden.shape[0] <= FEW_ROWS
+            local = few_float_rows(product, hidden) if few else product(hidden)
         logits = self.tp.all_gather_last_dim(local)
         logits = logits[:, : self.config.vocab_size].float()
         cap = self.config.final_logit_softcapping
