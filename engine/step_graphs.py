@@ -297,6 +297,8 @@ def compile_options(cfg: CompileConfig, device: torch.device, tune_float_gemms: 
         # Inductor's defaults: CUDA graphs are captured by the engine (engine/cuda_graphs.py) or not at all.
         return {"options": {"triton.cudagraphs": False}}
     options = dict(cfg.cpu) | inductor_fixes.cache_key_options()
+    if "fp_contract" in options:
+        options["cpp.enable_floating_point_contract_flag"] = options.pop("fp_contract")
     if not tune_float_gemms:
         # No float GEMM to tune; freezing would fold the int8 -> float conversions into fp32 constants read
         # every step (int8 SmolLM2: 23 vs 84 tok/s, docs/performance.md).
