@@ -243,8 +243,12 @@ class ModelRunner:
             ids, paged = self._paged_batch(batch, pad)
             return StepPlan(ids, paged, None, compiled), sampling_rows, []
 
-        # Batch-invariant, a prefill step has more rows than a decode step ever has (kernels/row_invariant.py).
-        pad = max(0, FEW_ROWS + 1 - sum(batch.num_new_tokens)) if self.batch_invariant else 0
+        # A prefill step has more rows than a decode step ever has: batch-invariant (kernels/row_invariant.py), and
+        # compiled, where a step of 2..FEW_ROWS tokens (a short prompt alone) took the few-row paths and compiled
+        # a prefill graph of its own in the middle of a run.
+        tokens = sum(batch.num_new_tokens)
+        compiled = self.graphs.prefill is not None and tokens > 1
+        pad = max(0, FEW_ROWS + 1 - tokens) if self.batch_invariant or compiled else 0
         ids, paged = self._paged_batch(batch, pad)
         ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
         # A speculating row samples at its last known token and after each draft token.
@@ -261,7 +265,6 @@ class ModelRunner:
                     jobs.append(_PromptLogprobJob(row, first, last, len(rows)))
                     rows.extend(range(offset + first - start, offset + last - start))
             offset += n
-        compiled = self.graphs.prefill is not None and len(ids) > 1
         while len(rows) < self._fewest_logit_rows(compiled):  # extra logit rows are dropped past the sampled ones
             rows.append(rows[-1] if rows else 0)
         return (

@@ -134,6 +134,7 @@ def test_background_compile_serves_eagerly_then_compiled(
     if invariant and device != "cpu":
         pytest.skip("batch_invariant is built for the CPU")
     ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
+    short = ids[0][:3]
     expected = hf_greedy(hf_tiny_qwen3, ids, 8)
     overrides = {"compile.warmup": "background", "compile.regional": regional, "batch_invariant": invariant}
     llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, device=device, **overrides)
@@ -150,6 +151,7 @@ def test_background_compile_serves_eagerly_then_compiled(
     params = SamplingParams(max_tokens=8, temperature=0)
     eos = llm.engine.eos_token_ids
     want = [trim_at_eos(e, eos) for e in expected]
+    want_short = [trim_at_eos(hf_greedy(hf_tiny_qwen3, [short], 8)[0], eos)]
     # Right after start the graphs are still compiling: requests are answered, eagerly.
     assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
     assert runner.compiled_ready.wait(timeout=600), "the background compilation never finished"
@@ -158,6 +160,8 @@ def test_background_compile_serves_eagerly_then_compiled(
     counters = torch._dynamo.utils.counters
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     assert [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)] == want
+    # A short prompt alone (a prefill step of 3 tokens) is padded into the prefill graph's shapes.
+    assert [o.outputs[0].token_ids for o in llm.generate_outputs([short], params)] == want_short
     # The warm-up's graphs serve the real steps: its inputs once differed in a guarded detail (inference
     # tensors, aliased arguments) and every graph compiled again on the first request.
     assert counters["stats"]["unique_graphs"] == graphs, "a graph compiled again after the warm-up"
