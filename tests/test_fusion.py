@@ -39,8 +39,9 @@ def _multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Te
 
 
 def test_compiled_cpu_code_contracts_multiply_adds_as_configured():
-    """`compile.cpu.fp_contract: fast` (the default) reaches inductor's C++ compiler: a * b + c rounds once, as an
-    FMA. With a = b = 1 + 2^-12 the product's last bit (2^-24) is lost when it is rounded before the add."""
+    """`compile.cpu.fp_contract` reaches inductor's C++ compiler: with `fast`, a * b + c rounds once, as an FMA; with
+    `off` (the default) twice. With a = b = 1 + 2^-12 the product's last bit (2^-24) is lost when it is rounded
+    before the add."""
     a = torch.full((64,), 1 + 2**-12)
     c = -(a * a)  # the rounded product: a separate multiply and add give exactly 0
     results = {}
