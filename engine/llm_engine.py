@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from engine import step_graphs
 from engine.config import EngineConfig
 from engine.kv_cache import pages_for_budget
 from engine.kv_manager import KVManager
@@ -193,8 +194,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
-        decoding = self.governor is not None and batch.is_decoding
-        start = time.perf_counter()
+        # A step that compiled a graph (or ran eagerly beside a background warm-up) is no measure of speculation:
+        # the first 4-row verification of a lazily compiled engine took 27.6 s and set the governor's rate for
+        # speculating at batch 1 to 0.04 tok/s, which kept drafts off for most of the next hundred steps.
+        decoding = self.governor is not None and batch.is_decoding and not self.runner.graphs.warming_up
+        compiled_before, start = step_graphs.compilations(), time.perf_counter()
         with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
             logits, rows, prompt_logprobs = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -205,7 +209,7 @@ class LLMEngine:
 
         if rows:
             outputs += self._verify(logits, [batch.seqs[r] for r in rows])
-        if decoding:
+        if decoding and step_graphs.compilations() == compiled_before:
             made = sum(len(out.new_token_ids) for out in outputs)
             speculated = len(batch.seqs) < sum(batch.num_new_tokens)
             self.governor.record(speculated, len(batch.seqs), made, time.perf_counter() - start)

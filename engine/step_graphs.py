@@ -43,9 +43,18 @@ DECODE_LABEL = "decode graph (batch {})"
 # steps run under it; each waits at most for one trace or one step.
 _TRACING = threading.RLock()
 _calling = threading.local()  # which graph this thread is calling, for the compile log lines below
+_compilations = 0  # graphs dynamo has started compiling in this process (`compilations`)
+
+
+def compilations() -> int:
+    """How many graphs dynamo has started compiling in this process so far: a step during which this changed
+    (or a background warm-up ran) timed a compilation, not the step (engine/spec/governor.py)."""
+    return _compilations
 
 
 def _compile_started(args: Any) -> None:
+    global _compilations
+    _compilations += 1
     name = getattr(_calling, "name", None)
     if name is not None:
         _calling.progress = Progress(log, f"compiling the {name}")

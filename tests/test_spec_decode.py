@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -495,6 +496,31 @@ def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
     assert fast_spec.allow(4) or fast_spec.allow(4)
     assert fast_spec.rates[True, 3] > fast_spec.rates[False, 3]
     assert slow_spec.allow(32) is True  # another batch-size class is measured afresh
+
+
+def test_the_governor_does_not_time_steps_that_compiled(tiny_vocab, prompts, monkeypatch):
+    """A lazily compiled engine compiles a graph inside its first steps of each shape: timed, the first 4-row
+    verification (27.6 s) set the rate of speculating at batch 1 to 0.04 tok/s, and drafts stayed off for most of
+    the next hundred steps. Here the first four decode steps 'compile' (dynamo's callback, and a second's wait)."""
+    from engine import step_graphs
+
+    llm = LLM(str(tiny_vocab), dtype="float32", enforce_eager=True, progress_bar=False, quant="none", spec="ngram")
+    run, compiling = llm.engine.runner.run, [4]
+
+    def run_compiling_first(batch):
+        if batch.is_decoding and compiling[0]:
+            compiling[0] -= 1
+            step_graphs._compile_started(None)
+            time.sleep(1.0)
+        return run(batch)
+
+    timed = []
+    record = llm.engine.governor.record
+    monkeypatch.setattr(llm.engine.runner, "run", run_compiling_first)
+    monkeypatch.setattr(llm.engine.governor, "record", lambda *a: (timed.append(a), record(*a)))
+    llm.generate_outputs(prompts[:1], SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    assert compiling == [0] and len(timed) >= 10
+    assert max(seconds for *_, seconds in timed) < 0.5, timed
 
 
 @pytest.mark.parametrize("eager", [True, pytest.param(False, marks=pytest.mark.slow)])
