@@ -234,11 +234,17 @@ class StepGraphs:
         log.info("step graphs compiled in %.0f s; steps now run compiled", time.perf_counter() - start)
 
     def warm_prefill(self, prefill: PrefillFn) -> None:
-        """Build the prefill graph at a full chunk on rows that touch only the scratch page."""
+        """Build the prefill graph at a full chunk on rows that touch only the scratch page, once for each class
+        of sampled-row counts a quantized head computes apart (kernels/quant_linear.py: up to each of
+        FEW_ROW_BUCKETS, more): warmed up at 2 rows only, a step that prefilled 5 prompts, and then one of 9,
+        compiled the graph again in the middle of a run (6-16 s each for SmolLM2). A float head takes one product
+        for any count, so the later calls only run the graph."""
         batch = self._scratch_batch(1, self.prefill_tokens)
-        ids, rows = torch.zeros_like(batch.positions), batch.positions[-self.prefill_logit_rows :].clone()
-        with torch.inference_mode(), opaque_attention_step(self.backend, self.backend.prepare(batch)):
-            prefill(ids, batch.positions, rows)
+        ids = torch.zeros_like(batch.positions)
+        for n in sorted({max(fewer + 1, self.prefill_logit_rows) for fewer in (0, *FEW_ROW_BUCKETS)}):
+            rows = batch.positions[-n:].clone()  # made outside inference mode, as the runner's are
+            with torch.inference_mode(), opaque_attention_step(self.backend, self.backend.prepare(batch)):
+                prefill(ids, batch.positions, rows)
 
     def eager(self) -> contextlib.AbstractContextManager:
         """Wrap an eager step: excludes tracing on the warm-up thread while one runs (see _TRACING)."""

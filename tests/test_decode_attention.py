@@ -170,6 +170,24 @@ def test_background_compile_serves_eagerly_then_compiled(
     assert (True, "prefill") in compiled_plans, "prefill steps should run the compiled graph once it is ready"
 
 
+def test_background_warm_up_covers_every_count_of_sampled_prompts(tiny_qwen3, qwen_tokenizer, device):
+    """A quantized head computes up to 4, up to 8 and more rows by different code (kernels/quant_linear.py), so
+    the prefill graph has a variant per class: warmed up at 2 rows only, a step prefilling 5 prompts compiled
+    one in the middle of serving, and one of 9 prompts another."""
+    if device != "cpu":
+        pytest.skip("quantized weights are built for the CPU")
+    overrides = {"quant": "int4", "compile.warmup": "background"}
+    llm = LLM(str(tiny_qwen3), dtype=torch.float32, progress_bar=False, **overrides)
+    assert llm.engine.runner.compiled_ready.wait(timeout=600), "the background compilation never finished"
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"]["unique_graphs"]
+    ids = [qwen_tokenizer.encode(p) for p in PROMPTS]
+    for count in (1, 5, 10):
+        prompts = (ids * 2)[:count]
+        llm.generate_outputs(prompts, SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert counters["stats"]["unique_graphs"] == graphs, "a graph compiled after the warm-up"
+
+
 def test_models_of_one_shape_keep_their_own_graphs(tiny_qwen3, qwen_tokenizer, tmp_path, device):
     """The step graphs skip dynamo's guards on the model's modules, so a graph compiled for one model must
     never serve another: here a second checkpoint with the same tensor shapes differs only in a float
