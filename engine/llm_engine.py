@@ -189,6 +189,7 @@ class LLMEngine:
         if self.workers:
             self.check_health()
         outputs = self._admit_constrained()
+        compiled_before, start = step_graphs.compilations(), time.perf_counter()  # drafting is the step's cost too
         if self.proposer.enabled:
             self._propose()
         batch = self.scheduler.schedule()
@@ -198,7 +199,6 @@ class LLMEngine:
         # the first 4-row verification of a lazily compiled engine took 27.6 s and set the governor's rate for
         # speculating at batch 1 to 0.04 tok/s, which kept drafts off for most of the next hundred steps.
         decoding = self.governor is not None and batch.is_decoding and not self.runner.graphs.warming_up
-        compiled_before, start = step_graphs.compilations(), time.perf_counter()
         with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
             logits, rows, prompt_logprobs = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):

@@ -481,21 +481,30 @@ def test_tensor_parallel_speculates_like_one_rank(tiny_vocab, prompts, reference
         assert llm.engine.stats()["spec_accepted_tokens"] > 5
 
 
-def test_governor_keeps_the_faster_choice_and_keeps_trying_the_other():
-    slow_spec = Governor(explore_every=8)
-    choices = []
-    for _ in range(64):
-        spec = slow_spec.allow(1)
-        choices.append(spec)
-        slow_spec.record(spec, 1, 2 if spec else 1, 0.05 if spec else 0.01)  # drafts: 40 tok/s, plain: 100
-    assert choices[:2] == [True, False] and 4 <= sum(choices) <= 12  # the first try, then 1 in 8
-    fast_spec = Governor(explore_every=8)
-    for _ in range(64):
-        spec = fast_spec.allow(4)
-        fast_spec.record(spec, 4, 12 if spec else 4, 0.02)
-    assert fast_spec.allow(4) or fast_spec.allow(4)
-    assert fast_spec.rates[True, 3] > fast_spec.rates[False, 3]
-    assert slow_spec.allow(32) is True  # another batch-size class is measured afresh
+def test_governor_keeps_the_faster_choice_and_tries_the_other_ever_less_often():
+    governor = Governor(explore_every=8, explore_at_most_every=64)
+    spec_rate = {True: 40.0, False: 100.0}  # tokens per second: drafts slower at first
+
+    def decide(count: int) -> list[bool]:
+        choices = []
+        for _ in range(count):
+            spec = governor.allow(1)
+            choices.append(spec)
+            governor.record(spec, 1, 4, 4 / spec_rate[spec])
+        return choices
+
+    choices = decide(300)
+    assert choices[:2] == [True, False]  # each measured once
+    tries = [i for i, c in enumerate(choices) if c][1:]
+    assert tries[0] == 1 + 8 and [b - a for a, b in zip(tries, tries[1:])] == [16, 32, 64, 64, 64], tries
+    spec_rate[True] = 300.0  # a copy-heavy workload arrives: the next try notices, and drafts stay on
+    choices = decide(200)
+    first = choices.index(True)
+    assert first < 64 and all(choices[first : first + 7])
+    tries = [i for i, c in enumerate(choices) if not c and i > first]
+    assert tries[0] - first == 8, tries  # the other choice watched closely again after the change
+    assert governor.rates[True, 1] > governor.rates[False, 1]
+    assert governor.allow(32) is True  # another batch-size class is measured afresh
 
 
 def test_the_governor_does_not_time_steps_that_compiled(tiny_vocab, prompts, monkeypatch):
