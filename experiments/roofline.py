@@ -1,5 +1,5 @@
-"""Roofline report: this machine's read bandwidth, the decode-step floor (weight bytes / bandwidth), and the
-measured decode step at each batch size.
+"""Roofline report: this machine's read bandwidth, the decode-step floors (weight bytes / bandwidth, and the
+model's products run as fp32 GEMMs alone), and the measured decode step at each batch size.
 
     python experiments/roofline.py
     python experiments/roofline.py dtype=float32 compile.enabled=false
@@ -43,6 +43,30 @@ def read_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
             probe()
         best = max(best, w.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def gemm_floor_ms(model: torch.nn.Module, rows: int, repeats: int = 7) -> float:
+    """A step of `rows` rows made of nothing but the model's linear layers (and LM head) as fp32 `torch.mm` on
+    weights already in float: no dequantization, attention or norms. Where the step is bound by arithmetic (a
+    quantized model's batched steps on a CPU without integer dot products) no float formulation runs faster
+    (SmolLM2 at 32 rows: 102 ms, 84 GFLOP/s, against 63 ms for 2.5x llama.cpp; docs/performance.md)."""
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(getattr(m, "in_features", None), int) and not any(
+            isinstance(getattr(c, "in_features", None), int) for c in m.children()
+        ):
+            shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
+    total = 0.0
+    for (k, n), count in shapes.items():
+        a, b = torch.randn(rows, k), torch.randn(k, n)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        total += count * sorted(times)[repeats // 2]
+    return 1000 * total
 
 
 def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
@@ -92,8 +116,10 @@ def main(cfg: DictConfig) -> None:
         after = read_bandwidth_gbs(b.bandwidth_mb)
         bw = (before + after) / 2
         floor_ms = weights / (bw * 1e9) * 1000
+        gemm_ms = gemm_floor_ms(llm.engine.model, batch)
         log.info(
-            "batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s",
+            "batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s; "
+            "its products as fp32 GEMMs alone %.1f ms (%.0f tok/s at most that way)",
             batch,
             ms,
             ms / floor_ms,
@@ -102,6 +128,8 @@ def main(cfg: DictConfig) -> None:
             before,
             after,
             batch * 1000 / ms,
+            gemm_ms,
+            batch * 1000 / gemm_ms,
         )
         record(
             {
@@ -109,6 +137,7 @@ def main(cfg: DictConfig) -> None:
                 "step_ms": ms,
                 "floor_ms": floor_ms,
                 "x_floor": ms / floor_ms,
+                "gemm_floor_ms": gemm_ms,
                 "tokens_per_s": batch * 1000 / ms,
                 "bandwidth_gbs": bw,
                 "bandwidth_before_after": f"{before:.1f};{after:.1f}",
