@@ -32,8 +32,16 @@ from engine.config import EngineConfig
 from engine.models.transformer import ModelConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from roofline import read_bandwidth_gbs  # noqa: E402
-from workloads import engine_generate, hf_generate, load_hf_model, offline_workload, plot, record, resolve_bench_model  # noqa: E402
+from workloads import (  # noqa: E402
+    engine_generate,
+    hf_generate,
+    load_hf_model,
+    offline_workload,
+    plot,
+    read_bandwidth_gbs,
+    record,
+    resolve_bench_model,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 
 import hydra
 import torch
@@ -21,52 +22,21 @@ from engine.config import EngineConfig
 from engine.quant.base import weight_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workloads import record, resolve_bench_model  # noqa: E402
+from matmul_bound import matmul_seconds  # noqa: E402
+from workloads import read_bandwidth_gbs, record, resolve_bench_model  # noqa: E402
 
 log = logging.getLogger("roofline")
 
 
-def read_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
-    """Best read bandwidth (GB/s) over a buffer much larger than the caches, all threads.
-
-    Two probes, the faster wins: an fp32 sum (a pure streaming read) and a GEMV (what decode does). The
-    GEMV alone under-reports here: oneDNN runs it on one thread (13.7 vs 20.5 GB/s for the sum), and a
-    floor computed from it would flatter every step time measured against it.
-    """
-    w = torch.randn(megabytes * 2**20 // 4 // 1024, 1024)
-    x = torch.randn(1024, 1)
-    best = 0.0
-    for probe in (lambda: w.sum(), lambda: torch.mm(w, x)):
-        probe()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            probe()
-        best = max(best, w.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def gemm_floor_ms(model: torch.nn.Module, rows: int, repeats: int = 7) -> float:
-    """A step of `rows` rows made of nothing but the model's linear layers (and LM head) as fp32 `torch.mm` on
-    weights already in float: no dequantization, attention or norms. Where the step is bound by arithmetic (a
-    quantized model's batched steps on a CPU without integer dot products) no float formulation runs faster
-    (SmolLM2 at 32 rows: 102 ms, 84 GFLOP/s, against 63 ms for 2.5x llama.cpp; docs/performance.md)."""
-    shapes: dict[tuple[int, int], int] = {}
-    for m in model.modules():
-        if isinstance(getattr(m, "in_features", None), int) and not any(
-            isinstance(getattr(c, "in_features", None), int) for c in m.children()
-        ):
-            shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
-    total = 0.0
-    for (k, n), count in shapes.items():
-        a, b = torch.randn(rows, k), torch.randn(k, n)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        total += count * sorted(times)[repeats // 2]
-    return 1000 * total
+def gemm_floor_ms(llm: LLM, rows: int) -> float:
+    """A decode step of `rows` rows made of nothing but the model's linear layers and LM head as fp32 GEMMs on
+    weights already in float (`matmul_bound.matmul_seconds`): no dequantization, attention or norms. Where the
+    step is bound by arithmetic (a quantized model's batched steps on a CPU without integer dot products) no
+    float formulation runs faster (SmolLM2 at 32 rows: 102 ms, 84 GFLOP/s, against 63 ms for 2.5x llama.cpp;
+    docs/performance.md)."""
+    steps = Counter({(rows, rows): 1})  # one step: every row through the layers and the head
+    seconds, _, _ = matmul_seconds(llm.engine.model_config, torch.float32, "cpu", steps, repeats=7, bandwidth_gbs=1.0)
+    return 1000 * seconds
 
 
 def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
@@ -116,7 +86,7 @@ def main(cfg: DictConfig) -> None:
         after = read_bandwidth_gbs(b.bandwidth_mb)
         bw = (before + after) / 2
         floor_ms = weights / (bw * 1e9) * 1000
-        gemm_ms = gemm_floor_ms(llm.engine.model, batch)
+        gemm_ms = gemm_floor_ms(llm, batch)
         log.info(
             "batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s; "
             "its products as fp32 GEMMs alone %.1f ms (%.0f tok/s at most that way)",

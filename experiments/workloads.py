@@ -264,3 +264,22 @@ def wait_until_up(proc: subprocess.Popen, url: str, what: str, timeout: float, p
         time.sleep(0.3)
     proc.kill()
     raise SystemExit(f"{what} did not come up within {timeout:.0f} s")
+
+
+def read_bandwidth_gbs(megabytes: int, repeats: int = 5) -> float:
+    """Best read bandwidth (GB/s) over a buffer much larger than the caches, all threads.
+
+    Two probes, the faster wins: an fp32 sum (a pure streaming read) and a GEMV (what decode does). The
+    GEMV alone under-reports here: oneDNN runs it on one thread (13.7 vs 20.5 GB/s for the sum), and a
+    floor computed from it would flatter every step time measured against it.
+    """
+    w = torch.randn(megabytes * 2**20 // 4 // 1024, 1024)
+    x = torch.randn(1024, 1)
+    best = 0.0
+    for probe in (lambda: w.sum(), lambda: torch.mm(w, x)):
+        probe()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            probe()
+        best = max(best, w.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9)
+    return best
