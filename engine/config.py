@@ -249,6 +249,7 @@ class EngineConfig:
     seed: int = 0
     progress_bar: bool = True
     batch_invariant: bool = False  # kernels/row_invariant.py
+    overlap: bool = False  # schedule step N+1 while step N runs (engine/overlap.py)
 
     def __post_init__(self) -> None:
         _require(
@@ -288,6 +289,21 @@ class EngineConfig:
             "batch_invariant",
             self.batch_invariant,
             f"needs attention=sdpa: {self.attention.name} attends a step's rows in calls that depend on the batch",
+        )
+
+        _require(isinstance(self.overlap, bool), "overlap", self.overlap, "must be true or false")
+        _require(
+            not self.overlap or self.spec.name == "NoSpeculation",
+            "overlap",
+            self.overlap,
+            f"schedules a step before the last one's tokens are known, and speculative decoding ({self.spec.name}) "
+            "drafts from them: use spec=none",
+        )
+        _require(
+            not self.overlap or self.parallel.tp == 1,
+            "overlap",
+            self.overlap,
+            f"runs its steps on a thread of one process (parallel.tp={self.parallel.tp})",
         )
 
         _check_spec(self.spec.kwargs)
@@ -339,7 +355,7 @@ class EngineConfig:
             server=ServerConfig(**raw["server"]),
             quant=_component("quant", raw["quant"]),
             spec=_component("spec", raw["spec"]),
-            **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar", "batch_invariant")},
+            **{k: raw[k] for k in ("dtype", "device", "seed", "progress_bar", "batch_invariant", "overlap")},
         )
 
 

@@ -24,12 +24,13 @@ from engine.model_runner import build_runner, kv_heads_per_rank, max_model_len
 from engine.models.loader import load_config
 from engine.models.source import ModelSource
 from engine.outputs import StepOutput
+from engine.overlap import Launched, StepWorker
 from engine.parallel import TPGroup, check_divisible, init_distributed
 from engine.prefix_cache import PrefixCache
 from engine.progress import slow_step
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, check_request
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, Status
 from engine.spec.base import Proposer
 from engine.spec.governor import Governor
@@ -86,6 +87,8 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.grammars = GrammarBackend(source, mc.vocab_size)
         self.awaiting_grammar: list[Sequence] = []  # constrained sequences waiting for `grammars` to be ready
+        self.worker = StepWorker(self.runner, self.sampler) if cfg.overlap else None  # engine/overlap.py
+        self.in_flight: Launched | None = None
 
     def _pages_for_budget(self, kv_heads: int) -> int:
         """`kv_cache.memory_mb` in pages, but no more than every running slot filled to the full context
@@ -125,6 +128,8 @@ class LLMEngine:
             raise RuntimeError(f"tensor-parallel rank(s) died: {', '.join(dead)}")
 
     def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
         if self.workers and torch.distributed.is_initialized():
             if all(w.is_alive() for w in self.workers):
                 torch.distributed.broadcast_object_list([None], src=0)
@@ -162,7 +167,7 @@ class LLMEngine:
             self.proposer.forget(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.awaiting_grammar)
+        return self.scheduler.has_work() or bool(self.awaiting_grammar) or self.in_flight is not None
 
     def _admit_constrained(self) -> list[StepOutput]:
         """Give the sequences that waited for the grammar tokenizer their matchers and hand them to the
@@ -189,6 +194,51 @@ class LLMEngine:
         if self.workers:
             self.check_health()
         outputs = self._admit_constrained()
+        if self.worker is None or self._needs_latest_tokens():
+            return outputs + self._land() + self._step_in_place()
+        batch = self.scheduler.schedule()
+        launched = self._launch(batch) if batch.seqs else None
+        outputs += self._land()
+        self.in_flight = launched
+        return outputs
+
+    def _needs_latest_tokens(self) -> bool:
+        """Whether a sequence that may run next samples from what the host knows of its latest tokens (a grammar's
+        mask, penalties) or gathers prompt logprobs: the worker does neither (engine/overlap.py)."""
+        return any(
+            s.matcher is not None or s.params.penalised or s.wants_prompt_logprobs
+            for s in itertools.chain(self.scheduler.running, self.scheduler.waiting)
+        )
+
+    def _launch(self, batch: ScheduledBatch) -> Launched:
+        launched = self.worker.launch(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if n > 1:
+                self.kv.cache_computed(seq)  # the worker writes these pages before any later step reads them
+        for seq in launched.sampled:
+            p = seq.params
+            seq.awaiting_last_token = seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        return launched
+
+    def _land(self) -> list[StepOutput]:
+        """Take in the tokens of the step in flight (if any): what `_append` does for a step run in place, for
+        the sequences still going."""
+        launched, self.in_flight = self.in_flight, None
+        if launched is None:
+            return []
+        with slow_step(log, "a step run beside the host is still running"):
+            tokens, logprobs = launched.future.result()
+        outputs = []
+        for seq, index, token, lp in zip(launched.sampled, launched.placeholders, tokens, logprobs):
+            if not seq.is_finished:  # else aborted, or ended by the step before while this one ran
+                seq.token_ids[index] = token
+                outputs.append(self._record(seq, token, lp, index + 1))
+        return outputs
+
+    def _step_in_place(self) -> list[StepOutput]:
+        """A step run on this thread, its tokens taken in before it returns."""
+        outputs = []
         compiled_before, start = step_graphs.compilations(), time.perf_counter()  # drafting is the step's cost too
         if self.proposer.enabled:
             self._propose()
@@ -304,14 +354,20 @@ class LLMEngine:
         return masked
 
     def _append(self, seq: Sequence, token: int, logprob: Any) -> StepOutput:
-        first = seq.num_output_tokens == 0
         seq.token_ids.append(token)
+        return self._record(seq, token, logprob, seq.num_tokens)
+
+    def _record(self, seq: Sequence, token: int, logprob: Any, length: int) -> StepOutput:
+        """Account for `token`, the sequence's `length`-th: grammar, logprobs, whether it ends the sequence
+        (a placeholder after it, engine/overlap.py, is then dropped)."""
+        first = length == seq.num_prompt_tokens + 1
         if seq.matcher is not None:
             seq.matcher.consume_token(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
-        reason = self._finish_reason(seq, token)
+        reason = self._finish_reason(seq, token, length)
         if reason is not None:
+            del seq.token_ids[length:]
             self.scheduler.finish(seq, reason)
             self.proposer.forget(seq)
             del self.seqs[seq.seq_id]
@@ -326,13 +382,13 @@ class LLMEngine:
             prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
         )
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, length: int) -> str | None:
         p = seq.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         if seq.matcher is not None and seq.matcher.is_stopped():
             return "stop"  # the constraint is complete (the JSON value closed, the regex matched in full)
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if length - seq.num_prompt_tokens >= p.max_tokens or length >= self.max_model_len:
             return "length"
         return None
 

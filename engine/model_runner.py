@@ -42,6 +42,7 @@ from engine.outputs import TokenLogprob
 from engine.parallel import TPGroup, shard_heads
 from engine.sampler import top_logprobs
 from engine.scheduler import ScheduledBatch
+from engine.sequence import RowSnapshot
 from engine.step_graphs import StepGraphs
 
 
@@ -55,32 +56,13 @@ class StepPlan:
     compiled: bool  # through the decode or the prefill graph
 
 
-@dataclass
-class _TokenRow:
-    """One token of a verification step (a sequence's last known token, or a draft token after it) as a
-    decode row of its own: what `_paged_batch` and the decode graphs read of a sequence."""
-
-    num_computed_tokens: int  # the token's position
-    token: int
-    pages: list[int]
-    window_pages: list[int]
-    draft_token_ids: tuple[int, ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_computed_tokens + 1
-
-    def scheduled_tokens(self, start: int, n: int) -> list[int]:
-        return [self.token]
-
-
 def _token_rows(batch: ScheduledBatch) -> ScheduledBatch:
     """A decoding batch (`is_decoding`) as a decode-only one: a row per scheduled token, in order."""
     rows = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         start = seq.num_computed_tokens
         for i, token in enumerate(seq.scheduled_tokens(start, n)):
-            rows.append(_TokenRow(start + i, token, seq.pages, seq.window_pages))
+            rows.append(RowSnapshot(start + i, start + i + 1, [token], seq.pages, seq.window_pages))
     return ScheduledBatch(rows, [1] * len(rows))
 
 

@@ -41,7 +41,7 @@ class Sampler:
         device = logits.device
         params = [s.params for s in seqs]
         raw = logits if raw is None else raw
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
+        if any(p.penalised for p in params):
             logits = self._penalise(logits, seqs)
         if any(p.logit_bias for p in params):
             logits = self._bias(logits, params)

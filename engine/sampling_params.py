@@ -142,6 +142,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether sampling reads the tokens so far (presence, frequency or repetition penalty)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingParams:
         known = {f.name for f in fields(cls)}

@@ -140,7 +140,7 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted by an earlier sequence in this loop
+            if seq.status is not Status.RUNNING or seq.awaiting_last_token:  # preempted in this loop; or done
                 continue
             if prompts is not None and prompts == (seq.num_tokens - seq.num_computed_tokens == 1):
                 continue  # the other kind of row

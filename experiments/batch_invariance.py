@@ -44,7 +44,7 @@ def staggered(llm: LLM, batch: list[list[int]], params: SamplingParams) -> list[
 class Variant:
     """One engine (with or without the mode) and its measurements, taken in turns with the other's."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, mode: str) -> None:
         t = time.perf_counter()
         self.cfg, self.b = cfg, cfg.bench
         self.llm = LLM(config=EngineConfig.from_dictconfig(cfg))
@@ -52,7 +52,7 @@ class Variant:
         self.rounds: list[Rates] = []
         self.measure()  # warm-up: compiles the decode graphs (and the prefill graph)
         self.rounds.clear()
-        log.info("batch_invariant=%s: started and warmed up in %.0f s", cfg.batch_invariant, time.perf_counter() - t)
+        log.info("%s=%s: started and warmed up in %.0f s", mode, cfg[mode], time.perf_counter() - t)
 
     def run(self, batch: list[list[int]], new: int) -> None:
         engine_generate(self.llm, [(p, new) for p in batch])
@@ -81,31 +81,38 @@ class Variant:
         return out
 
 
-@hydra.main(config_path="../configs", config_name="batch_invariance", version_base=None)
-def main(cfg: DictConfig) -> None:
+def compare(cfg: DictConfig, mode: str) -> None:
+    """The default and the boolean setting `mode` turned on: both engines up, measured in turns (this machine
+    drifts by minutes); one result row each, with the on/off ratios."""
     resolve_bench_model(cfg)
     variants = {}
-    for invariant in (False, True):  # both engines stay up, measured in turns: this machine drifts by minutes
-        cfg.batch_invariant = invariant
-        variants[invariant] = Variant(cfg.copy())
+    for on in (False, True):
+        cfg[mode] = on
+        variants[on] = Variant(cfg.copy(), mode)
     for _ in range(cfg.bench.repeats):
         for variant in variants.values():
             variant.measure()
-    results = {invariant: variant.result() for invariant, variant in variants.items()}
-    for invariant, r in results.items():
-        cfg.batch_invariant = invariant
+    results = {on: variant.result() for on, variant in variants.items()}
+    for on, r in results.items():
+        cfg[mode] = on
         ratios = {f"{k}_vs_default": v / results[False][k] for k, v in r.items() if k.endswith("tok_s")}
-        record({"label": f"batch_invariant={invariant}", **r, **ratios}, cfg)
+        record({"label": f"{mode}={on}", **r, **ratios}, cfg)
         log.info(
-            "batch_invariant=%-5s %s",
-            invariant,
+            "%s=%-5s %s",
+            mode,
+            on,
             "  ".join(
-                f"{k} {v:.1f}" + (f" ({ratios[k + '_vs_default']:.2f}x)" if invariant else "")
+                f"{k} {v:.1f}" + (f" ({ratios[k + '_vs_default']:.2f}x)" if on else "")
                 if k.endswith("tok_s")
                 else f"{k} {v:.0f}/{cfg.bench.check_prompts}"
                 for k, v in r.items()
             ),
         )
+
+
+@hydra.main(config_path="../configs", config_name="batch_invariance", version_base=None)
+def main(cfg: DictConfig) -> None:
+    compare(cfg, "batch_invariant")
 
 
 if __name__ == "__main__":

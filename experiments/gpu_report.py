@@ -1,5 +1,6 @@
 """One command for a lent GPU: correctness tests on CUDA, start-up (cold and warm), nano-vllm's workload, and
-batch-1 decode, each stage under its own timeout with a progress line every few seconds, into one JSON.
+batch-1 decode (and nano-vllm's workload again with `overlap=true`, in the time left), each stage under its own
+timeout with a progress line every few seconds, into one JSON.
 
     python experiments/gpu_report.py --out /tmp/gpu               # the H200 run (about 8 minutes)
     python experiments/gpu_report.py --smoke --out /tmp/gpu-smoke # tiny sizes on CPU (a test runs this)
@@ -221,6 +222,10 @@ def main() -> None:
     found = _lines(a.out / "profile.log")
     figures = {"decode_step_ms": "DECODE_STEP_MS", "graph_replay_ms": "GRAPH_REPLAY_MS", "prefill_s": "SECONDS"}
     report["profile"] = {**stage, **{k: value(found, key) for k, key in figures.items()}}
+    save()
+    # Last, with what time is left: the same workload with overlap scheduling (engine/overlap.py).
+    overlapped = [*engine, *workload, "overlap=true"]
+    report["throughput_overlap"] = throughput("throughput_overlap", overlapped, left(180), a.out, env)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     print(json.dumps({k: v if not isinstance(v, dict) else {x: y for x, y in v.items() if x != "tail"}

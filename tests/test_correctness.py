@@ -30,8 +30,10 @@ CONFIGS = {
     "compiled-regional": {"max_num_batched_tokens": 32, "compile.regional": True},
     # ~40 tokens of KV per sequence at page size 4 -> 16 pages is enough for one or two at a time.
     "preempting": dict(enforce_eager=True, page_size=4, num_pages=17, max_num_batched_tokens=64),
+    # Steps scheduled while the one before runs, the compiled graphs called from the step thread (engine/overlap.py).
+    "overlap-compiled": dict(max_num_batched_tokens=32, overlap=True),
 }
-SLOW = {"flex", "compiled", "compiled-regional"}
+SLOW = {"flex", "compiled", "compiled-regional", "overlap-compiled"}
 
 
 def _prompt_ids(tok) -> list[list[int]]:
