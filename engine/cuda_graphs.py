@@ -19,6 +19,7 @@ import torch
 
 from engine.kernels.paged import DecodeStep, PagedAttentionBase, PagedBatch
 from engine.kv_cache import SCRATCH_PAGE
+from engine.overlap import fill_placeholders
 from engine.progress import progress
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,11 @@ class DecodeGraphs:
         """The graph that takes b rows, or None when b is beyond the largest bucket."""
         return next((g for g in self.buckets if g >= b), None)
 
-    def run(self, tokens: list[int], positions: list[int], pages: list[list[int]]) -> torch.Tensor:
-        """Logits [bucket, vocab] of one decode step of len(tokens) rows (rows past them are padding)."""
+    def run(
+        self, tokens: list[int], positions: list[int], pages: list[list[int]], previous: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [bucket, vocab] of one decode step of len(tokens) rows (rows past them are padding); placeholder
+        tokens filled from `previous` on the device (engine/overlap.py)."""
         b = len(tokens)
         bucket = self.bucket(b)
         ps = self.page_size
@@ -127,4 +131,7 @@ class DecodeGraphs:
         rows[b:bucket, TOKEN:PAGES] = np.array([0, 0, SCRATCH_PAGE * ps, 1])
         rows[b:bucket, PAGES] = SCRATCH_PAGE
         self.static[:bucket].copy_(self.host[:bucket], non_blocking=True)
+        if previous is not None and min(tokens) < 0:
+            ids = self.static[:b, TOKEN]
+            ids.copy_(fill_placeholders(ids, previous))
         return self.replays[bucket]()

@@ -24,7 +24,7 @@ from engine.model_runner import build_runner, kv_heads_per_rank, max_model_len
 from engine.models.loader import load_config
 from engine.models.source import ModelSource
 from engine.outputs import StepOutput
-from engine.overlap import Launched, StepWorker
+from engine.overlap import InFlight
 from engine.parallel import TPGroup, check_divisible, init_distributed
 from engine.prefix_cache import PrefixCache
 from engine.progress import slow_step
@@ -87,8 +87,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.grammars = GrammarBackend(source, mc.vocab_size)
         self.awaiting_grammar: list[Sequence] = []  # constrained sequences waiting for `grammars` to be ready
-        self.worker = StepWorker(self.runner, self.sampler) if cfg.overlap else None  # engine/overlap.py
-        self.in_flight: Launched | None = None
+        self.in_flight: InFlight | None = None  # overlap scheduling's step launched but not read (engine/overlap.py)
 
     def _pages_for_budget(self, kv_heads: int) -> int:
         """`kv_cache.memory_mb` in pages, but no more than every running slot filled to the full context
@@ -128,8 +127,6 @@ class LLMEngine:
             raise RuntimeError(f"tensor-parallel rank(s) died: {', '.join(dead)}")
 
     def shutdown(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown()
         if self.workers and torch.distributed.is_initialized():
             if all(w.is_alive() for w in self.workers):
                 torch.distributed.broadcast_object_list([None], src=0)
@@ -194,7 +191,7 @@ class LLMEngine:
         if self.workers:
             self.check_health()
         outputs = self._admit_constrained()
-        if self.worker is None or self._needs_latest_tokens():
+        if not self.cfg.overlap or self._needs_latest_tokens():
             return outputs + self._land() + self._step_in_place()
         batch = self.scheduler.schedule()
         launched = self._launch(batch) if batch.seqs else None
@@ -204,34 +201,38 @@ class LLMEngine:
 
     def _needs_latest_tokens(self) -> bool:
         """Whether a sequence that may run next samples from what the host knows of its latest tokens (a grammar's
-        mask, penalties) or gathers prompt logprobs: the worker does neither (engine/overlap.py)."""
+        mask, penalties) or gathers prompt logprobs: an overlapped step does neither (engine/overlap.py)."""
         return any(
             s.matcher is not None or s.params.penalised or s.wants_prompt_logprobs
             for s in itertools.chain(self.scheduler.running, self.scheduler.waiting)
         )
 
-    def _launch(self, batch: ScheduledBatch) -> Launched:
-        launched = self.worker.launch(batch)
+    def _launch(self, batch: ScheduledBatch) -> InFlight:
+        """Prepare and launch the step, its sampling included, without reading anything it computes."""
+        previous = self.in_flight.result.tokens if self.in_flight is not None else None
+        with slow_step(log, f"a step of {sum(batch.num_new_tokens)} tokens is still running"):
+            logits, rows, _ = self.runner.run(batch, previous)
+            sampled = [batch.seqs[r] for r in rows]
+            launched = InFlight.hold(sampled, self.sampler.sample(logits, sampled))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             if n > 1:
-                self.kv.cache_computed(seq)  # the worker writes these pages before any later step reads them
-        for seq in launched.sampled:
+                self.kv.cache_computed(seq)  # the device writes these pages before any later step reads them
+        for seq in sampled:
             p = seq.params
             seq.awaiting_last_token = seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
         return launched
 
     def _land(self) -> list[StepOutput]:
-        """Take in the tokens of the step in flight (if any): what `_append` does for a step run in place, for
-        the sequences still going."""
+        """Read the tokens of the step in flight (if any) and do for the sequences still going what `_append` does
+        for a step run in place."""
         launched, self.in_flight = self.in_flight, None
         if launched is None:
             return []
-        with slow_step(log, "a step run beside the host is still running"):
-            tokens, logprobs = launched.future.result()
+        tokens, logprobs = launched.result.read()
         outputs = []
         for seq, index, token, lp in zip(launched.sampled, launched.placeholders, tokens, logprobs):
-            if not seq.is_finished:  # else aborted, or ended by the step before while this one ran
+            if not seq.is_finished:  # else aborted, or ended by the step before while this one was in flight
                 seq.token_ids[index] = token
                 outputs.append(self._record(seq, token, lp, index + 1))
         return outputs

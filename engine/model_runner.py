@@ -39,10 +39,10 @@ from engine.models.loader import build_model
 from engine.models.source import ModelSource
 from engine.models.transformer import CausalLM, ModelConfig
 from engine.outputs import TokenLogprob
+from engine.overlap import fill_placeholders
 from engine.parallel import TPGroup, shard_heads
 from engine.sampler import top_logprobs
 from engine.scheduler import ScheduledBatch
-from engine.sequence import RowSnapshot
 from engine.step_graphs import StepGraphs
 
 
@@ -56,13 +56,32 @@ class StepPlan:
     compiled: bool  # through the decode or the prefill graph
 
 
+@dataclass
+class _TokenRow:
+    """One token of a verification step (a sequence's last known token, or a draft token after it) as a
+    decode row of its own: what `_paged_batch` and the decode graphs read of a sequence."""
+
+    num_computed_tokens: int  # the token's position
+    token: int
+    pages: list[int]
+    window_pages: list[int]
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_computed_tokens + 1
+
+    def scheduled_tokens(self, start: int, n: int) -> list[int]:
+        return [self.token]
+
+
 def _token_rows(batch: ScheduledBatch) -> ScheduledBatch:
     """A decoding batch (`is_decoding`) as a decode-only one: a row per scheduled token, in order."""
     rows = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         start = seq.num_computed_tokens
         for i, token in enumerate(seq.scheduled_tokens(start, n)):
-            rows.append(RowSnapshot(start + i, start + i + 1, [token], seq.pages, seq.window_pages))
+            rows.append(_TokenRow(start + i, token, seq.pages, seq.window_pages))
     return ScheduledBatch(rows, [1] * len(rows))
 
 
@@ -153,9 +172,11 @@ class ModelRunner:
             return FEW_ROWS + 1
         return 2 if compiled else 0
 
-    def _paged_batch(self, batch: ScheduledBatch, pad_rows: int) -> tuple[torch.Tensor, PagedBatch]:
+    def _paged_batch(
+        self, batch: ScheduledBatch, pad_rows: int, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, PagedBatch]:
         """The step's inputs, built on the host from the sequences' lists and moved in one non-blocking copy
-        (nothing here reads the device)."""
+        (nothing here reads the device); placeholder tokens filled from `previous` on the device."""
         ps = self.page_size
         ids: list[int] = []
         positions: list[int] = []
@@ -200,6 +221,8 @@ class ModelRunner:
         else:  # nothing to copy; and a compiled layer region refuses inputs that are views of one tensor
             tensors = (torch.tensor(p, dtype=torch.long) for p in parts)
             ids_t, pos_t, slot_t, lens_t, table_t, pad_t, wslot_t, wtable_t = tensors
+        if previous is not None and min(ids) < 0:
+            ids_t = fill_placeholders(ids_t, previous)
         paged = PagedBatch(
             positions=pos_t,
             slot_mapping=slot_t,
@@ -214,7 +237,9 @@ class ModelRunner:
         )
         return ids_t, paged
 
-    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int], list[_PromptLogprobJob]]:
+    def plan(
+        self, batch: ScheduledBatch, previous: torch.Tensor | None = None
+    ) -> tuple[StepPlan, list[int], list[_PromptLogprobJob]]:
         sampling_rows = batch.sampling_rows
         if batch.is_decode_only:
             pad = 0
@@ -222,7 +247,7 @@ class ModelRunner:
             if compiled and self.pad_to_buckets:
                 b = len(batch.seqs)
                 pad = self.buckets[bisect.bisect_left(self.buckets, b)] - b if b <= self.buckets[-1] else 0
-            ids, paged = self._paged_batch(batch, pad)
+            ids, paged = self._paged_batch(batch, pad, previous)
             return StepPlan(ids, paged, None, compiled), sampling_rows, []
 
         # A prefill step has more rows than a decode step ever has: batch-invariant (kernels/row_invariant.py), and
@@ -231,7 +256,7 @@ class ModelRunner:
         tokens = sum(batch.num_new_tokens)
         compiled = self.graphs.prefill is not None and tokens > 1
         pad = max(0, FEW_ROWS + 1 - tokens) if self.batch_invariant or compiled else 0
-        ids, paged = self._paged_batch(batch, pad)
+        ids, paged = self._paged_batch(batch, pad, previous)
         ends = [e - 1 for e in itertools.accumulate(batch.num_new_tokens)]
         # A speculating row samples at its last known token and after each draft token.
         rows = [i for r in sampling_rows for i in range(ends[r] - len(batch.seqs[r].draft_token_ids), ends[r] + 1)]
@@ -283,9 +308,12 @@ class ModelRunner:
         logits = self.run(_token_rows(batch))[0]
         return logits[[end - 1 for end in itertools.accumulate(batch.num_new_tokens)]]
 
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
+    def run(
+        self, batch: ScheduledBatch, previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Logits of the rows that sample this step (a speculating row's 1 + draft length of them, in order),
-        which rows those are, and prompt logprobs by row."""
+        which rows those are, and prompt logprobs by row. A placeholder token (overlap scheduling,
+        engine/overlap.py) is the token at its index in `previous`, the step before's sampled tokens."""
         if batch.is_decoding and not batch.is_decode_only:
             # A verification runs as the decode step of one row per token, so each token's values are those a
             # plain decode step gives it (same attention kernel, same one-row products) and greedy speculation
@@ -298,13 +326,13 @@ class ModelRunner:
                 ScheduledBatch(seqs[i : i + rows], batch.num_new_tokens[i : i + rows])
                 for i in range(0, len(seqs), rows)
             ]
-            return torch.cat([self.run(part)[0] for part in parts]), batch.sampling_rows, {}
+            return torch.cat([self.run(part, previous)[0] for part in parts]), batch.sampling_rows, {}
         if graphs is not None and batch.is_decode_only and graphs.bucket(len(seqs)) is not None:
             positions = [s.num_computed_tokens for s in seqs]
             tokens = [s.scheduled_tokens(p, 1)[0] for s, p in zip(seqs, positions)]
-            logits = graphs.run(tokens, positions, [s.pages for s in seqs])
+            logits = graphs.run(tokens, positions, [s.pages for s in seqs], previous)
             return logits[: len(seqs)], batch.sampling_rows, {}
-        plan, sampling_rows, jobs = self.plan(batch)
+        plan, sampling_rows, jobs = self.plan(batch, previous)
         if self.tp.size > 1:
             dist.broadcast_object_list([plan], src=0)
         logits = self.execute(plan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.kernels.sampling import apply_penalties, apply_top_k_top_p_min_p, sample_from_probs
@@ -15,11 +17,48 @@ def _column(seqs: list[Sequence], name: str, dtype: torch.dtype, device: torch.d
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
     """Per row: (logprob of `chosen`, k most likely (token, logprob)); one transfer for the batch."""
-    picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-    if k == 0:
-        return [(p, []) for p in picked]
-    values, ids = logprobs.topk(k, dim=-1)
-    return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids.tolist(), values.tolist())]
+    return TopLogprobs.of(logprobs, chosen, k).read()
+
+
+@dataclass
+class TopLogprobs:
+    """`top_logprobs` before its transfer: the device tensors it reads."""
+
+    picked: torch.Tensor
+    values: torch.Tensor | None
+    ids: torch.Tensor | None
+
+    @classmethod
+    def of(cls, logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> TopLogprobs:
+        picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        if k == 0:
+            return cls(picked, None, None)
+        values, ids = logprobs.topk(k, dim=-1)
+        return cls(picked, values, ids)
+
+    def read(self) -> list[TokenLogprob]:
+        picked = self.picked.tolist()
+        if self.ids is None:
+            return [(p, []) for p in picked]
+        return [(p, list(zip(i, v))) for p, i, v in zip(picked, self.ids.tolist(), self.values.tolist())]
+
+
+@dataclass
+class Sampled:
+    """A step's next tokens still on the device (overlap scheduling reads them a step later, engine/overlap.py)."""
+
+    tokens: torch.Tensor
+    wanted: list[int]  # rows that report logprobs
+    top: TopLogprobs | None
+    top_k: list[int]  # per wanted row, how many alternatives it reports
+
+    def read(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens and reported logprobs, as lists: the step's one wait for the device."""
+        logprobs: list[TokenLogprob | None] = [None] * len(self.tokens)
+        if self.top is not None:
+            for i, k, (lp, top) in zip(self.wanted, self.top_k, self.top.read()):
+                logprobs[i] = (lp, top[:k])
+        return self.tokens.tolist(), logprobs
 
 
 class Sampler:
@@ -38,6 +77,16 @@ class Sampler:
         """Next tokens from `logits`; reported logprobs come from `raw` (the model's own, default `logits`).
         `drafts` holds, per row, a token a draft model sampled for this position and the distribution it was
         drawn from (None where there is none): such a row keeps it or resamples (`_accept_or_resample`)."""
+        return self.sample(logits, seqs, raw, drafts).read()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        raw: torch.Tensor | None = None,
+        drafts: list[tuple[int, torch.Tensor] | None] | None = None,
+    ) -> Sampled:
+        """`__call__` without reading its result from the device."""
         device = logits.device
         params = [s.params for s in seqs]
         raw = logits if raw is None else raw
@@ -57,16 +106,14 @@ class Sampler:
             greedy = torch.tensor([p.greedy for p in params], device=device)
             tokens = torch.where(greedy, tokens, sampled)
 
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         wanted = [i for i, p in enumerate(params) if p.logprobs]
-        if wanted:
-            # Reported logprobs are the model's own distribution, before penalties and temperature.
-            rows = torch.tensor(wanted, device=device)
-            k = max(params[i].top_logprobs for i in wanted)
-            got = top_logprobs(raw[rows].log_softmax(dim=-1), tokens[rows], k)
-            for i, (lp, top) in zip(wanted, got):
-                logprobs[i] = (lp, top[: params[i].top_logprobs])
-        return tokens.tolist(), logprobs
+        if not wanted:
+            return Sampled(tokens, [], None, [])
+        # Reported logprobs are the model's own distribution, before penalties and temperature.
+        rows = torch.tensor(wanted, device=device)
+        k = max(params[i].top_logprobs for i in wanted)
+        top = TopLogprobs.of(raw[rows].log_softmax(dim=-1), tokens[rows], k)
+        return Sampled(tokens, wanted, top, [params[i].top_logprobs for i in wanted])
 
     def distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """What a sampled row draws from: softmax of its logits at its temperature, after top-k/top-p/min-p."""

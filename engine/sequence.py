@@ -85,34 +85,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
-
-
-@dataclass
-class RowSnapshot:
-    """What a step reads of a scheduled sequence, as it stood when the step was scheduled: the model runner plans
-    from it while the sequence itself moves on (a step run beside the host, engine/overlap.py; a verification's
-    tokens run as decode rows of their own, engine/model_runner.py).
-
-    A negative token is a placeholder, -1 - j, for the j-th token the step before samples (`resolve`)."""
-
-    num_computed_tokens: int
-    num_tokens: int
-    tokens: list[int]  # tokens [num_computed_tokens, ...) this step computes
-    pages: list[int]
-    window_pages: list[int]
-    draft_token_ids: tuple[int, ...] = ()
-    wants_prompt_logprobs: bool = False
-
-    @classmethod
-    def of(cls, seq: Sequence, n: int) -> RowSnapshot:
-        """The sequence's next `n` tokens as scheduled (no draft, no prompt logprobs: engine/overlap.py)."""
-        start = seq.num_computed_tokens
-        return cls(start, seq.num_tokens, seq.token_ids[start : start + n], list(seq.pages), list(seq.window_pages))
-
-    def scheduled_tokens(self, start: int, n: int) -> list[int]:
-        first = start - self.num_computed_tokens
-        return self.tokens[first : first + n]
-
-    def resolve(self, sampled: list[int]) -> None:
-        """Replace placeholders with the tokens the step before sampled."""
-        self.tokens = [sampled[-1 - t] if t < 0 else t for t in self.tokens]

@@ -57,7 +57,7 @@ def _assert_same(got: list[tuple], want: list[tuple]) -> None:
 
 
 def _count_overlapped_launches(llm: LLM) -> list[bool]:
-    """Per launched step, whether the step before it was still in flight then."""
+    """Per launched step, whether the step before it was still unread then."""
     engine, seen = llm.engine, []
     launch = engine._launch
 
@@ -110,9 +110,9 @@ def test_a_sequence_that_ends_by_length_is_not_scheduled_again(tiny_qwen3):
         counts: list[int] = []
         run = llm.engine.runner.run
 
-        def counted(batch, _run=run, _counts=counts):
+        def counted(batch, *args, _run=run, _counts=counts):
             _counts.append(sum(batch.num_new_tokens))
-            return _run(batch)
+            return _run(batch, *args)
 
         llm.engine.runner.run = counted
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (1, 2, 5, 9)]
@@ -168,3 +168,23 @@ def test_an_abort_while_the_sequence_is_in_flight(tiny_qwen3, qwen_tokenizer):
 def test_overlap_refuses_what_it_cannot_do(overrides):
     with pytest.raises(ConfigError, match="overlap"):
         LLM(overlap=True, **overrides)
+
+
+def test_placeholders_reach_the_cuda_graph_runners_static_buffers(tiny_qwen3):
+    """Decode steps through engine/cuda_graphs.py (which off a GPU calls the step on the same static buffers) fill
+    their placeholders there."""
+    from test_gpu_step import decode_graphs_for
+
+    want = None
+    for overlap in (False, True):
+        llm = _llm(tiny_qwen3, overlap, page_size=4)
+        graphs = decode_graphs_for(llm, compiled=False)
+        llm.engine.runner.decode_graphs = graphs
+        used: list[int] = []
+        run = graphs.run
+        graphs.run = lambda *a, _run=run, _used=used: _used.append(len(a[0])) or _run(*a)
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate_outputs(PROMPTS[:5], params)]
+        assert 5 in used, "decode steps should have gone through the static buffers"
+        want = want or got
+        assert got == want
