@@ -261,6 +261,7 @@ def test_gpu_report_smoke_run(tiny_qwen3, tmp_path):
     assert report["tests"]["rc"] == 0, report["tests"]
     assert report["start_cold"]["first_token_s"] > 0 and report["start_warm"]["first_token_s"] > 0
     assert report["throughput"]["tokens_per_s"] > 0 and report["batch1"]["tokens_per_s"] > 0
+    assert report["throughput_overlap"]["tokens_per_s"] > 0
 
 
 def test_gateway_commands(tiny_qwen3, tmp_path):
