@@ -49,9 +49,9 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
     times = []
     original = eng.runner.run
 
-    def timed(b):
+    def timed(b, *args):
         t = time.perf_counter()
-        out = original(b)
+        out = original(b, *args)
         if b.is_decode_only and len(b.seqs) == batch:
             times.append(time.perf_counter() - t)
         return out

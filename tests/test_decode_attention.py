@@ -142,8 +142,8 @@ def test_background_compile_serves_eagerly_then_compiled(
     compiled_plans = []
     plan = runner.plan
 
-    def spy(batch):
-        out = plan(batch)
+    def spy(batch, *args):
+        out = plan(batch, *args)
         compiled_plans.append((out[0].compiled, "decode" if out[0].logit_rows is None else "prefill"))
         return out
 

@@ -325,7 +325,7 @@ def test_a_draft_catches_up_in_decode_rows(tiny_vocab, prompts, reference):
     )
     runner, decode_only = llm.engine.proposer.runner, []
     run = runner.run
-    runner.run = lambda batch: decode_only.append(batch.is_decode_only) or run(batch)
+    runner.run = lambda batch, *a: decode_only.append(batch.is_decode_only) or run(batch, *a)
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     for prompt, want in zip(prompts[:3], reference):
         assert llm.generate_outputs([prompt], params)[0].outputs[0].token_ids == want
