@@ -303,7 +303,8 @@ class EngineConfig:
             not self.overlap or self.parallel.tp == 1,
             "overlap",
             self.overlap,
-            f"runs its steps on a thread of one process (parallel.tp={self.parallel.tp})",
+            f"is built for one rank: with parallel.tp={self.parallel.tp} each step's plan goes to the other ranks as "
+            "host data, which would read the step before's tokens before this one launches",
         )
 
         _check_spec(self.spec.kwargs)
