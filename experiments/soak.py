@@ -145,7 +145,9 @@ async def run_clients(
     hostile = hostile_requests() if hostile_fraction else []
     deadline = time.perf_counter() + duration_s
     sent = 0
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients)
+    # Idle connections expire before uvicorn's keep-alive timeout (5 s) closes them: httpx's default expiry is
+    # the same 5 s, and a request sent on a connection the server was closing ended in a ReadError.
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
 
         async def client(k: int) -> None:

@@ -23,6 +23,15 @@ PROMPTS = [
 ]
 
 
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The README's test command runs two pytest-xdist workers on CI's two cores: serial, the suite took 74
+    # minutes, mostly compilation on one core; two workers of one thread each took 57. Two threads each would
+    # oversubscribe the cores, where OpenMP teams spin against each other. Servers and experiments the tests
+    # start inherit the setting.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(_workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_addoption(parser) -> None:
     # The suite runs on CPU; `--device cuda` reruns the device-aware tests (correctness against
     # transformers, decode attention) on a GPU, compiled paths included (CUDA graphs there).
@@ -37,6 +46,15 @@ def pytest_configure(config) -> None:
         # The Triton attention kernel (a GPU backend) runs on CPU tensors under Triton's interpreter; it
         # must be set before triton.jit decorates the kernel, i.e. before the tests import it.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    # Schemathesis gives every operation's test the function's node id; pytest-xdist keys its work by node id
+    # and ran only the first operation. The operation in the id keeps them apart.
+    # (pytest 9 keeps the id in `_id`; schemathesis's own fix-up sets the `_nodeid` of older pytests.)
+    for item in items:
+        if getattr(item, "operation_label", None) and not item.nodeid.endswith("]"):
+            item._id = item.parent.id.child(item.name)
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,10 @@ def split(command: str) -> tuple[dict[str, str], list[str]]:
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 600) -> str:
-    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    # Without pytest-xdist's variables: a pytest started here is not one of its workers (pytest-benchmark
+    # switches itself off inside one).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}, **env}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{shlex.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
