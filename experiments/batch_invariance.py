@@ -27,8 +27,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from cpu_vs_llamacpp import FRESH, Rates, prompts, rates  # noqa: E402
 from workloads import engine_generate, record, resolve_bench_model  # noqa: E402
 
-log = logging.getLogger("batch_invariance")
-
 
 def staggered(llm: LLM, batch: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """Greedy continuations of `batch`, its requests submitted one engine step apart."""
@@ -52,7 +50,8 @@ class Variant:
         self.rounds: list[Rates] = []
         self.measure()  # warm-up: compiles the decode graphs (and the prefill graph)
         self.rounds.clear()
-        log.info("%s=%s: started and warmed up in %.0f s", mode, cfg[mode], time.perf_counter() - t)
+        # Named after the setting measured: experiments/overlap.py shares this code.
+        logging.getLogger(mode).info("%s=%s: started and warmed up in %.0f s", mode, cfg[mode], time.perf_counter() - t)
 
     def run(self, batch: list[list[int]], new: int) -> None:
         engine_generate(self.llm, [(p, new) for p in batch])
@@ -97,7 +96,7 @@ def compare(cfg: DictConfig, mode: str) -> None:
         cfg[mode] = on
         ratios = {f"{k}_vs_default": v / results[False][k] for k, v in r.items() if k.endswith("tok_s")}
         record({"label": f"{mode}={on}", **r, **ratios}, cfg)
-        log.info(
+        logging.getLogger(mode).info(
             "%s=%-5s %s",
             mode,
             on,
