@@ -26,9 +26,8 @@ PROMPTS = [
 if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # The README's test command runs two pytest-xdist workers on CI's two cores: in one process the tests took
     # 74 minutes, mostly compilation on one core; two workers of one thread each took 51 (clean clones, `.ci/run`,
-    # docs/performance.md). Two threads each would
-    # oversubscribe the cores, where OpenMP teams spin against each other. Servers and experiments the tests
-    # start inherit the setting.
+    # docs/performance.md). Two threads each would oversubscribe the cores, where OpenMP teams spin against
+    # each other. Servers and experiments the tests start inherit the setting.
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(_workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
