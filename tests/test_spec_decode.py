@@ -409,6 +409,17 @@ def test_adaptive_length_backs_off_and_retries():
     assert [proposer.length(seq) for _ in range(17)] == [0] * 16 + [4]  # the next pause is twice as long
 
 
+def test_adaptive_length_grows_back_while_drafts_are_kept_whole():
+    proposer = NgramProposer(num_tokens=7, min_ngram=1, max_ngram=2, min_acceptance=0.3)
+    seq = Sequence("s", [1, 2, 1, 2, 1], SamplingParams(), 0)
+    proposer.observe(seq, 7, 1)  # one token of seven kept (the renamed identifier of a copy)
+    lengths = []
+    for _ in range(4):
+        lengths.append(proposer.length(seq))
+        proposer.observe(seq, lengths[-1], lengths[-1])
+    assert lengths == [5, 6, 7, 7]  # a moving average alone stayed at 5 for ~50 steps
+
+
 @pytest.mark.parametrize("key,value", [("spec.num_tokens", 0), ("spec.num_tokens", 2.5), ("spec.min_acceptance", 1.5)])
 def test_bad_spec_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

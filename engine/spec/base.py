@@ -3,9 +3,9 @@ scores them all (engine/llm_engine.py verifies: the longest prefix the target ag
 token of the target's own).
 
 Every proposer gets the same adaptive length: a sequence whose recent drafts were mostly rejected gets
-shorter ones, and one whose acceptance stays below `min_acceptance` stops speculating for a while (8 steps,
-doubling up to 256 each time it fails again), so a workload where guessing does not pay costs little more than
-plain decoding.
+shorter ones, one whose draft was kept whole a token more next time (up to k), and one whose acceptance stays
+below `min_acceptance` stops speculating for a while (8 steps, doubling up to 256 each time it fails again),
+so a workload where guessing does not pay costs little more than plain decoding.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class Proposer:
         if not self.adaptive or proposed == 0:
             return
         s = self.state(seq)
-        s.accepted = 0.5 * s.accepted + 0.5 * accepted
+        # A draft kept whole earns one token more next time. As a moving average alone, the length stayed below
+        # the accepted length's limit: one rejection then held a copying sequence at 4 of k=7 tokens for ~50 steps.
+        s.accepted = max(s.accepted, accepted) if accepted == proposed else 0.5 * s.accepted + 0.5 * accepted
         s.rate = 0.5 * s.rate + 0.5 * accepted / proposed
         if s.rate < self.min_acceptance:
             s.paused, s.pause = s.pause, min(2 * s.pause, _LONGEST_PAUSE)
