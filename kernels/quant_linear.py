@@ -124,18 +124,28 @@ def float_linear(
 
 
 class RowPaths:
-    """A quantized layer's choice of path by row count: up to FEW_ROWS rows the one-row path (`_one_row`, each row
-    computed alone), more the several-row path (`_several_rows(x, gemm)`, its float products `gemm(a, b)` = a @ b,
-    in calls of `invariant_rows` rows in batch-invariant mode: kernels/row_invariant.py)."""
+    """A quantized layer's choice of path by row count: up to FEW_ROWS rows the one-row path (each row computed
+    alone), more the several-row path (`_several_rows(x, gemm)`, its float products `gemm(a, b)` = a @ b, in calls
+    of `invariant_rows` rows in batch-invariant mode: kernels/row_invariant.py).
+
+    The one-row path is `_one_row` compiled, a reduction written for inductor to fuse with the weight's unpacking;
+    run eagerly, every step of it materialised a float copy of the weight. Eager steps (`enforce_eager`, a
+    server's steps while its graphs compile in the background) take `_eager_row` instead: the weight unpacked to
+    float once and multiplied by a GEMM or GEMV (SmolLM2's default config, two threads, one process: 245-261 ->
+    107-133 ms a token; docs/performance.md, 2026-12-07). Its values differ from the compiled ones by summation
+    order only."""
 
     invariant_rows: int | None = None
     bias: torch.Tensor | None
 
+    def _row(self, x: torch.Tensor) -> torch.Tensor:
+        return self._one_row(x) if torch.compiler.is_compiling() else self._eager_row(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
-            out = self._one_row(x)
+            out = self._row(x)
         elif x.shape[0] <= FEW_ROWS:
-            out = each_row(self._one_row, x)
+            out = each_row(self._row, x)
         elif self.invariant_rows is None:
             out = self._several_rows(x, torch.mm)
         else:
@@ -224,12 +234,20 @@ class Int8Linear(RowPaths, nn.Module):
         xf = float_row(x)
         return _out_row((xf * self.qweight.to(xf.dtype)).sum(-1) * self.scale, x.dtype)
 
-    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def _eager_row(self, x: torch.Tensor) -> torch.Tensor:
+        return self._in_float_pieces(x, torch.mm)
+
+    def _in_float_pieces(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """x times the weight converted to float piece by piece (float activations)."""
         xf = x.float()
+        rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
+        pieces = [gemm(xf, w.to(xf.dtype).t()) for w in self.qweight.split(rows)]
+        return (torch.cat(pieces, dim=-1) * self.scale).to(x.dtype)
+
+    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
         if not INT8_GEMM:
-            rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
-            pieces = [gemm(xf, w.to(xf.dtype).t()) for w in self.qweight.split(rows)]
-            return (torch.cat(pieces, dim=-1) * self.scale).to(x.dtype)
+            return self._in_float_pieces(x, gemm)
+        xf = x.float()
         # Each activation is written as two int8 digits per token (hi * step + lo * step / 254) and both
         # rows go through one `_int_mm`: the weight is read once, as with plain W8A8, at twice the
         # arithmetic. One digit (per-token W8A8) everywhere raised SmolLM2's perplexity by 3.8%, two by
@@ -302,12 +320,15 @@ class GroupedInt8Linear(Int8Linear):
         # compiled, a busy machine); a sum per group, then the scales, took 48.1.
         return _out_row((float_row(x) * _grouped_float(self.qweight, self.scale)).sum(-1), x.dtype)
 
-    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def _in_float_pieces(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
         xf = x.float()
         rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
         pieces = zip(self.qweight.split(rows), self.scale.split(rows))
         # fp32 pieces in a bfloat16 model too (its scales are bf16 there): one dtype per product.
         return torch.cat([gemm(xf, _grouped_float(q, s.float()).t()) for q, s in pieces], dim=-1).to(x.dtype)
+
+    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return self._in_float_pieces(x, gemm)
 
 
 class GroupedInt8Embedding(Int8Embedding):
@@ -396,6 +417,15 @@ class Int4Linear(RowPaths, nn.Module):
 
     def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
         return gemm(x, self.dequantized_t())
+
+    def _eager_row(self, x: torch.Tensor) -> torch.Tensor:
+        # The nibbles split as bytes and converted to float once, [T, G, 32, TILE]; each group's dot products in
+        # one batched product of the row's 32 values with the group's values for a tile's TILE outputs.
+        q = torch.cat([self.packed & 15, self.packed >> 4], dim=2).to(torch.float32)
+        xg = x.float().reshape(1, -1, 1, GROUP)  # [1, G, 1, 32]
+        dots = torch.matmul(xg, q).squeeze(2)  # [T, G, TILE]
+        out = (dots * self.scale + xg.sum(-1) * self.offset).sum(1)
+        return out.reshape(-1)[: self.out_features].unsqueeze(0).to(x.dtype)
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # x . w = sum over groups of scale * (x_g . q_g) + offset * sum(x_g): the nibbles are read once.
