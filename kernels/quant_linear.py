@@ -14,7 +14,8 @@ Two formats, chosen per layer by the `quant=` scheme (engine/quant/):
   weights up to summation order. One row reads the packed nibbles directly (a fused reduction over
   tiles of 16 output rows); more than FEW_ROWS rows dequantize the weight inside the graph and run one GEMM.
 
-Up to FEW_ROWS rows, both formats compute every row exactly as a lone row (`each_row`).
+Up to FEW_ROWS rows, both formats compute every row exactly as a lone row (`each_row`). The fused one-row
+reductions are the compiled path; eager steps unpack the weight once and multiply (`RowPaths`).
 
 Measured and rejected on an AVX-512 VNNI machine (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms):
 ATen's `_weight_int8pack_mm` (0.72 ms / 24 ms) and `_weight_int4pack_mm_for_cpu` (1.5 ms / 48 ms) run far
