@@ -49,9 +49,11 @@ TILE = 16
 # runs a reference loop 16-25x slower than an fp32 GEMM (SmolLM2's head at 64 rows: 1134 vs 70 ms). There an
 # int8 layer's several-row steps multiply by its weight converted to float instead, in pieces of at most
 # FLOAT_PIECE_BYTES: glibc maps larger blocks afresh on every allocation (its mmap threshold stops at 32 MB), and
-# page-faulting SmolLM2's whole 113 MB float head in took 110 ms of a 32-row step.
+# page-faulting SmolLM2's whole 113 MB float head in took 110 ms of a 32-row step. Pieces of 4 MB stay in cache
+# between their conversion and their GEMM: SmolLM2's head at 32 rows, compiled, fp32 / bf16 (AVX-512 BF16 EPYC):
+# 19.9 / 8.0 ms in pieces of ~4.5 MB, 29.1 / 32.2 in ~18 MB ones (docs/performance.md, 2026-12-07).
 INT8_GEMM = torch.cpu._is_vnni_supported()
-FLOAT_PIECE_BYTES = 16 << 20
+FLOAT_PIECE_BYTES = 4 << 20
 # Steps of 2..FEW_ROWS rows (a speculative verification, a small decode batch) compute each row with the one-row
 # product, so a row's values do not depend on what else the step holds (batch invariance: a greedy request's
 # output is the same alone and batched, with and without speculation). Compiled, the rows are padded to the
@@ -321,15 +323,20 @@ class GroupedInt8Linear(Int8Linear):
         # compiled, a busy machine); a sum per group, then the scales, took 48.1.
         return _out_row((float_row(x) * _grouped_float(self.qweight, self.scale)).sum(-1), x.dtype)
 
-    def _in_float_pieces(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
-        xf = x.float()
-        rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
+    def _in_float_pieces(
+        self, x: torch.Tensor, gemm: Callable[..., torch.Tensor], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """x times the weight converted to `dtype` piece by piece: each piece's values computed in fp32 (the scales
+        are bf16 in a bfloat16 model) and rounded once to `dtype`."""
+        rows = max(1, FLOAT_PIECE_BYTES // (dtype.itemsize * self.in_features))
         pieces = zip(self.qweight.split(rows), self.scale.split(rows))
-        # fp32 pieces in a bfloat16 model too (its scales are bf16 there): one dtype per product.
-        return torch.cat([gemm(xf, _grouped_float(q, s.float()).t()) for q, s in pieces], dim=-1).to(x.dtype)
+        xd = x.to(dtype)
+        return torch.cat([gemm(xd, _grouped_float(q, s.float()).to(dtype).t()) for q, s in pieces], dim=-1).to(x.dtype)
 
     def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
-        return self._in_float_pieces(x, gemm)
+        # In the model's dtype: a bfloat16 model's head of 32 rows (SmolLM2's 49,152 x 576 Q8_0 table, compiled,
+        # an AVX-512 BF16 CPU) took 27.6 ms as fp32 pieces and 10.0 as bf16 ones, a third of the decode step.
+        return self._in_float_pieces(x, gemm, x.dtype)
 
 
 class GroupedInt8Embedding(Int8Embedding):
