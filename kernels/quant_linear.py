@@ -240,11 +240,14 @@ class Int8Linear(RowPaths, nn.Module):
     def _eager_row(self, x: torch.Tensor) -> torch.Tensor:
         return self._in_float_pieces(x, torch.mm)
 
+    def _piece_rows(self, dtype: torch.dtype) -> int:
+        """Output rows per piece of the weight converted to `dtype` (FLOAT_PIECE_BYTES)."""
+        return max(1, FLOAT_PIECE_BYTES // (dtype.itemsize * self.in_features))
+
     def _in_float_pieces(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
         """x times the weight converted to float piece by piece (float activations)."""
         xf = x.float()
-        rows = max(1, FLOAT_PIECE_BYTES // (4 * self.in_features))
-        pieces = [gemm(xf, w.to(xf.dtype).t()) for w in self.qweight.split(rows)]
+        pieces = [gemm(xf, w.to(xf.dtype).t()) for w in self.qweight.split(self._piece_rows(xf.dtype))]
         return (torch.cat(pieces, dim=-1) * self.scale).to(x.dtype)
 
     def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -328,7 +331,7 @@ class GroupedInt8Linear(Int8Linear):
     ) -> torch.Tensor:
         """x times the weight converted to `dtype` piece by piece: each piece's values computed in fp32 (the scales
         are bf16 in a bfloat16 model) and rounded once to `dtype`."""
-        rows = max(1, FLOAT_PIECE_BYTES // (dtype.itemsize * self.in_features))
+        rows = self._piece_rows(dtype)
         pieces = zip(self.qweight.split(rows), self.scale.split(rows))
         xd = x.to(dtype)
         return torch.cat([gemm(xd, _grouped_float(q, s.float()).to(dtype).t()) for q, s in pieces], dim=-1).to(x.dtype)
