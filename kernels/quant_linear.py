@@ -45,6 +45,9 @@ GROUP = 32  # values per int4 group: GGUF's block (and K-quant sub-block) width
 # Output rows per int4 tile: one AVX-512 vector of fp32 (two of AVX2), so the one-row reduction reads each
 # row's bytes contiguously (7.2 -> 5.1 ms for SmolLM2's layers; docs/performance.md, 2026-12-01).
 TILE = 16
+# Outputs per block of ATen's packed int4 layout (`PackedInt4Linear`), by the instruction set its CPU kernels were
+# dispatched for: four vectors of fp32. Other builds pack neighbouring outputs into a byte instead.
+PACK_BLOCKS = {"AVX512": 64, "AVX2": 32}
 # oneDNN's int8 GEMM behind `torch._int_mm` is fast only with VNNI (AVX-512 VNNI, AVX-VNNI); on plain AVX2 it
 # runs a reference loop 16-25x slower than an fp32 GEMM (SmolLM2's head at 64 rows: 1134 vs 70 ms). There an
 # int8 layer's several-row steps multiply by its weight converted to float instead, in pieces of at most
@@ -74,7 +77,7 @@ def rows_alone_are_faster(model: nn.Module) -> bool:
     four 8-row passes of the one-row kernels cost about what one 32-row GEMM step does and grow with the model
     more slowly (32 greedy sequences, 2026-12-05, same process: SmolLM2 `auto` 192 vs 203 tok/s, a random
     Qwen3-0.6B in Q4_K_M 47.6 vs 38.5), and each row's values are then those it has alone."""
-    return not INT8_GEMM and any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules())
+    return not INT8_GEMM and any(isinstance(m, (Int4Linear, PackedInt4Linear, Int8Linear)) for m in model.modules())
 
 
 def each_row(one_row: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -452,3 +455,75 @@ class Int4Linear(RowPaths, nn.Module):
         sums = xg.sum(dim=(2, 3))  # [1, G, 1]
         out = (dots * self.scale + sums * self.offset).sum(1)  # [T, TILE]
         return _out_row(out.reshape(-1)[: self.out_features], x.dtype)
+
+
+class PackedInt4Linear(RowPaths, nn.Module):
+    """`Int4Linear`'s values in ATen's packed layout for its int4 kernel (`_weight_int4pack_mm_for_cpu`), which a
+    bfloat16 model on an AVX-512 CPU takes instead (`packs_int4`). That kernel dequantizes each group in registers
+    and accumulates every row over the inputs in one fixed order, whatever the number of rows: up to FEW_ROWS rows
+    it is the whole product (no padding to buckets; a row's values are those it has alone). SmolLM2's shapes, 8
+    rows, AVX-512 BF16 EPYC: 0.058 / 0.201 / 0.087 ms against 0.217 / 0.329 / 2.95 for `Int4Linear`'s unrolled
+    one-row products; batch-8 decode 370 vs 245 tok/s, batch 1 alike (docs/performance.md, 2026-12-07). More rows
+    dequantize and multiply as `Int4Linear` does (the kernel's fp32 arithmetic took 2x a bf16 GEMM at 512 rows).
+
+    Buffers: `packed` ATen's bytes ([N/B, K, B/2] for blocks of B outputs, `PACK_BLOCKS`: byte j of block b and
+    input k holds output B b + j in its low nibble and B b + B/2 + j in its high one), `scale_zeros` [K/32, N, 2] bf16 with
+    w = (q - 8) * scale + zero, and the group size as a tensor (inductor's lowering of the ATen op makes it a
+    constant that a regional graph's subgraph passed as a non-scalar, torch 2.13; the quantized op takes the
+    tensor as it is)."""
+
+    def __init__(self, layer: Int4Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.block = PACK_BLOCKS[torch.backends.cpu.get_cpu_capability()]
+        n, k = layer.out_features, layer.in_features
+        t, g = layer.scale.shape[:2]
+        q = torch.cat([layer.packed & 15, layer.packed >> 4], dim=2)  # [T, G, 32, TILE]
+        q = q.permute(0, 3, 1, 2).reshape(t * TILE, k)[:n]
+        by_row = lambda v: v.float().permute(1, 0, 2).reshape(g, t * TILE)[:, :n]  # noqa: E731  [G, N]
+        scale, offset = by_row(layer.scale), by_row(layer.offset)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        # zero = offset + 8 scale computed in fp32 and rounded once (a symmetric group's is near scale / 2).
+        sz = torch.stack([scale, offset + 8 * scale], dim=-1).to(torch.bfloat16)
+        self.register_buffer("scale_zeros", sz)
+        self.register_buffer("group", torch.tensor(GROUP))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
+
+    weight_shape = Int8Linear.weight_shape
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [N, K] in bfloat16."""
+        return self.dequantized_t().t()
+
+    def dequantized_t(self) -> torch.Tensor:
+        """The transposed weight [K, N] in bfloat16, each value computed in fp32 and rounded once."""
+        k, n = self.in_features, self.out_features
+        b = self.packed.view(n // self.block, k, 1, self.block // 2).float()  # [N/B, K, 1, B/2]
+        hi = torch.floor(b * (1 / 16))  # float arithmetic: inductor vectorises it, not integer shifts
+        half = torch.arange(2, device=b.device).view(1, 1, 2, 1)
+        q = torch.where(half == 0, b - 16 * hi, hi).permute(1, 0, 2, 3).reshape(k, n)  # output B b + B/2 h + j
+        # Scales and zeros apart in fp32 first: read in place, each interleaved pair was gathered one value at a
+        # time for every input (576 x 3072: 0.94 ms, as bits cast to fp32 1.69, from separate buffers 0.26).
+        scale, zero = stored(self.scale_zeros[..., 0].float()), stored(self.scale_zeros[..., 1].float())  # [G, N]
+        w = (q - 8).unflatten(0, (-1, GROUP)) * scale.unsqueeze(1) + zero.unsqueeze(1)
+        return w.flatten(0, 1).to(torch.bfloat16)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.int4mm_packed_weight_cpu(x.contiguous(), self.packed, self.group, self.scale_zeros)
+
+    def _several_rows(self, x: torch.Tensor, gemm: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return gemm(x, self.dequantized_t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > FEW_ROWS:
+            return super().forward(x)
+        out = self._kernel(x)
+        return out if self.bias is None else out + self.bias
+
+
+def packs_int4(layer: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `layer` (an `Int4Linear`) runs as a `PackedInt4Linear` in a model of `dtype`: ATen's kernel is
+    vectorised for bfloat16 activations only (fp32 takes a scalar loop: 24.8 ms for 32 x 576 x 1536 against 0.34),
+    and the layout is known for whole blocks of outputs of AVX-512 and AVX2 builds."""
+    block = PACK_BLOCKS.get(torch.backends.cpu.get_cpu_capability())
+    return isinstance(layer, Int4Linear) and dtype == torch.bfloat16 and bool(block) and layer.out_features % block == 0

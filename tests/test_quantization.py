@@ -28,6 +28,8 @@ from engine.kernels.quant_linear import (
     Int8Embedding,
     Int8Experts,
     Int8Linear,
+    PackedInt4Linear,
+    packs_int4,
     quantize_int4_groups,
 )
 from engine.models.loader import QUANTIZED_LAYOUT
@@ -163,6 +165,36 @@ def test_up_to_eight_rows_compute_each_row_as_a_lone_row(fmt, compiled):
             together = fn(x)
             for i in range(rows):
                 assert torch.equal(together[i], fn(x[i : i + 1])[0]), (rows, i)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_int4_layer_holds_the_int4_values_and_computes_each_row_alone(compiled):
+    """A bfloat16 model's int4 layers in ATen's packed layout (PackedInt4Linear): its weight is the int4 layer's up
+    to bf16 rounding of the scales, zeros and values; up to 8 rows every row is bit-identical to the row alone (one
+    kernel for any row count: no padding), compiled and eager alike; 9 and 40 rows (dequantize + GEMM) compute the
+    same product within bf16 rounding. 192 outputs: whole blocks of the AVX-512 (64) and AVX2 (32) layouts."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    base = Int4Linear(256, 192, bias=True)
+    base.load_rows(slice(None), torch.randn(192, 256))
+    base.bias.copy_(torch.randn(192))
+    assert packs_int4(base, torch.bfloat16) and not packs_int4(base, torch.float32)
+    assert not packs_int4(Int4Linear(256, 200), torch.bfloat16)  # a partial block is packed another way
+    layer = PackedInt4Linear(base).to(torch.bfloat16)
+    w = base.dequantized()
+    scale = base.scale.permute(1, 0, 2).reshape(8, -1)[:, :192].repeat_interleave(32, 0).t()  # [N, K]
+    bound = 2**-8 * (9 * scale + w.abs()) + 1e-6  # the scale, zero and value each rounded to bf16
+    assert ((layer.dequantized().float() - w).abs() <= bound).all()
+    fn = torch.compile(layer, dynamic=True) if compiled else layer
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 8, 9, 40):
+            x = torch.randn(rows, 256).to(torch.bfloat16)
+            out = fn(x)
+            want = x.float() @ w.t() + base.bias
+            assert out.dtype == torch.bfloat16 and out.shape == (rows, 192)
+            assert torch.allclose(out.float(), want, rtol=0.02, atol=0.05 * want.abs().mean()), rows
+            if rows <= quant_linear.FEW_ROWS:
+                assert all(torch.equal(out[i], layer(x[i : i + 1])[0]) for i in range(rows)), rows
 
 
 def test_int4_quantizer_error_is_bounded():
@@ -388,13 +420,15 @@ def test_every_quant_mode_serves_a_bfloat16_model(tiny_gguf, quant, tmp_path, mo
     (the prefill's several-row products) nearly always, the continuation for most of its length (this tiny random
     model's near-ties part bf16 from fp32 after a few tokens: on AVX2, where decode steps of 12 rows run as rows
     alone, int4 kept 7 of 12 continuations whole, 12 of 12 first tokens, a mean common prefix of 4.4 of 6; the other
-    modes 9-10, 11, 4.3-5.3)."""
+    modes 9-10, 11, 4.3-5.3). The bfloat16 model's int4 layers run in ATen's packed layout (PackedInt4Linear)."""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
     ids = [[(37 * i + 11 * j) % 200 + 50 for j in range(10)] for i in range(12)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     outputs = {}
     for dtype in ("float32", "bfloat16"):
         llm = LLM(str(tiny_gguf), dtype=dtype, enforce_eager=True, progress_bar=False, quant=quant, cache="none")
+        packed = sum(isinstance(m, PackedInt4Linear) for m in llm.engine.model.modules())
+        assert packed == (4 * TINY["layers"] if dtype == "bfloat16" and quant in ("int4", "auto") else 0)
         outputs[dtype] = [o.outputs[0].token_ids for o in llm.generate_outputs(ids, params)]
         llm.shutdown()
     assert all(len(t) == 6 for t in outputs["bfloat16"])

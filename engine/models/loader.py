@@ -31,7 +31,7 @@ from engine.models.transformer import FULL, SLIDING, CausalLM, ExpertWeights, Mo
 from engine.parallel import TPGroup, shard_heads, vocab_shard
 from engine.progress import progress
 from engine.quant.base import NoQuant, QuantScheme, format_of, quantize_modules, weight_bytes
-from engine.quant.int4 import int4_groups
+from engine.quant.int4 import int4_groups, pack_for_dtype
 from engine.quant.int8_groups import int8_groups
 
 log = logging.getLogger(__name__)
@@ -591,6 +591,8 @@ def build_model(
     _gguf_reader.cache_clear()
     if plan:
         log.info("weights: %.0f MB (%s)", weight_bytes(model) / 2**20, _summary(plan))
+    if device.type == "cpu":
+        pack_for_dtype(model, dtype)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

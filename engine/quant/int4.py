@@ -1,6 +1,7 @@
 """4-bit weights in groups of 32 with a scale and an offset each (kernels/quant_linear.py `Int4Linear`): the
 smallest format, and GGUF's Q4_0, Q4_1 and Q4_K blocks taken as they are, without loss (Q4_K's 6-bit sub-block
-scales and mins folded into fp32 per-group scales and offsets)."""
+scales and mins folded into fp32 per-group scales and offsets). A bfloat16 model on an AVX-512 CPU runs them in
+ATen's packed layout (`pack_for_dtype`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.kernels.quant_linear import Int4Linear
+from engine.kernels.quant_linear import Int4Linear, PackedInt4Linear, packs_int4
 from engine.quant import int8  # noqa: F401 (the heads of an int4 model are int8: registered with it)
 from engine.quant.base import HEADS, QuantFormat
 
@@ -63,3 +64,13 @@ def int4_groups(rows: np.ndarray, tensor_type: str) -> tuple[torch.Tensor, torch
         offset = -8 * scale if tensor_type == "Q4_0" else blocks[:, 2:4].view(np.float16).astype(np.float32)
     q = torch.from_numpy(np.ascontiguousarray(values).reshape(r, -1))
     return q, torch.from_numpy(scale.reshape(r, -1)).clone(), torch.from_numpy(offset.reshape(r, -1)).clone()
+
+
+def pack_for_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap the int4 layers that run faster in ATen's packed layout in a model of `dtype` (`packs_int4`) for their
+    `PackedInt4Linear` form, before the model is cast to `dtype` (the zeros are computed from the fp32 scales and
+    offsets). The engine cache keeps the portable layout: the packed one depends on the CPU."""
+    for name, module in list(model.named_modules()):
+        if packs_int4(module, dtype):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, PackedInt4Linear(module))
