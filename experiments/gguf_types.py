@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from engine import LLM
-from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear
+from engine.kernels.quant_linear import Int4Linear, Int8Embedding, Int8Linear, PackedInt4Linear
 from engine.models.gguf_index import GGUFIndex
 from engine.models.source import engine_cache_dir, resolve_model
 
@@ -69,7 +69,7 @@ def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, m in model.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 weights[name] = m.weight.float()
-            elif isinstance(m, (Int4Linear, Int8Linear)):
+            elif isinstance(m, (Int4Linear, PackedInt4Linear, Int8Linear)):
                 weights[name] = m.dequantized().float()
             elif isinstance(m, Int8Embedding):
                 weights[name] = m(torch.arange(m.num_embeddings)).float()
