@@ -13,13 +13,15 @@ Two formats, chosen per layer by the `quant=` scheme (engine/quant/):
   load without loss. The input stays in floating point, so outputs equal a matmul with the dequantized
   weights up to summation order. One row reads the packed nibbles directly (a fused reduction over
   tiles of 16 output rows); more than FEW_ROWS rows dequantize the weight inside the graph and run one GEMM.
+  A bfloat16 model takes `PackedInt4Linear` instead where ATen's int4 kernel runs vectorised: the same values in
+  that kernel's layout, which computes up to FEW_ROWS rows in one call.
 
 Up to FEW_ROWS rows, both formats compute every row exactly as a lone row (`each_row`). The fused one-row
 reductions are the compiled path; eager steps unpack the weight once and multiply (`RowPaths`).
 
 Measured and rejected on an AVX-512 VNNI machine (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms):
-ATen's `_weight_int8pack_mm` (0.72 ms / 24 ms) and `_weight_int4pack_mm_for_cpu` (1.5 ms / 48 ms) run far
-below fp32; fbgemm's `quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per
+ATen's `_weight_int8pack_mm` (0.72 ms / 24 ms) and, with fp32 activations, `_weight_int4pack_mm_for_cpu` (1.5 ms /
+48 ms) run far below fp32 (with bf16 ones the latter is fast: `PackedInt4Linear`); fbgemm's `quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per
 tensor and is deprecated. oneDNN's prepacked `onednn.qlinear_pointwise` (uint8 activations; int8 ones
 took a reference path, 1.2 s per call) beat `_int_mm` by 7% at 64 rows over 30 layers' weights, by 25%
 at 32: not worth a second weight format there. On AVX2 it is 42x faster than `_int_mm` (SmolLM2's head
