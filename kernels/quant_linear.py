@@ -461,11 +461,11 @@ class Int4Linear(RowPaths, nn.Module):
 
 class PackedInt4Linear(RowPaths, nn.Module):
     """`Int4Linear`'s values in ATen's packed layout for its int4 kernel (`_weight_int4pack_mm_for_cpu`), which a
-    bfloat16 model on an AVX-512 CPU takes instead (`packs_int4`). That kernel dequantizes each group in registers
+    bfloat16 model takes instead on AVX-512 and AVX2 builds (`packs_int4`). That kernel dequantizes each group in registers
     and accumulates every row over the inputs in one fixed order, whatever the number of rows: up to FEW_ROWS rows
     it is the whole product (no padding to buckets; a row's values are those it has alone). SmolLM2's shapes, 8
     rows, AVX-512 BF16 EPYC: 0.058 / 0.201 / 0.087 ms against 0.217 / 0.329 / 2.95 for `Int4Linear`'s unrolled
-    one-row products; batch-8 decode 370 vs 245 tok/s, batch 1 alike (docs/performance.md, 2026-12-07). More rows
+    one-row products; batch-8 decode 336-380 vs 182-257 tok/s, batch 1 alike (docs/performance.md, 2026-12-07). More rows
     dequantize and multiply as `Int4Linear` does (the kernel's fp32 arithmetic took 2x a bf16 GEMM at 512 rows).
 
     Buffers: `packed` ATen's bytes ([N/B, K, B/2] for blocks of B outputs, `PACK_BLOCKS`: byte j of block b and
