@@ -21,12 +21,13 @@ reductions are the compiled path; eager steps unpack the weight once and multipl
 
 Measured and rejected on an AVX-512 VNNI machine (1x576 @ 576x3072, fp32 0.16 ms; 32 rows 0.89 ms):
 ATen's `_weight_int8pack_mm` (0.72 ms / 24 ms) and, with fp32 activations, `_weight_int4pack_mm_for_cpu` (1.5 ms /
-48 ms) run far below fp32 (with bf16 ones the latter is fast: `PackedInt4Linear`); fbgemm's `quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per
-tensor and is deprecated. oneDNN's prepacked `onednn.qlinear_pointwise` (uint8 activations; int8 ones
-took a reference path, 1.2 s per call) beat `_int_mm` by 7% at 64 rows over 30 layers' weights, by 25%
-at 32: not worth a second weight format there. On AVX2 it is 42x faster than `_int_mm` (SmolLM2's head
-at 64 rows: 27 vs 1134 ms; fp32 63 ms) but exact only for uint8 activations below 128 (its 16-bit pair sums
-saturate), and it needs that second, prepacked copy of the weight (docs/performance.md, 2026-12-04).
+48 ms) run far below fp32 (with bf16 ones the latter is fast: `PackedInt4Linear`); fbgemm's
+`quantized.linear_dynamic` is as fast as `_int_mm` but quantizes activations per tensor and is deprecated.
+oneDNN's prepacked `onednn.qlinear_pointwise` (uint8 activations; int8 ones took a reference path, 1.2 s per
+call) beat `_int_mm` by 7% at 64 rows over 30 layers' weights, by 25% at 32: not worth a second weight format
+there. On AVX2 it is 42x faster than `_int_mm` (SmolLM2's head at 64 rows: 27 vs 1134 ms; fp32 63 ms) but exact
+only for uint8 activations below 128 (its 16-bit pair sums saturate), and it needs that second, prepacked copy of
+the weight (docs/performance.md, 2026-12-04).
 torchao's CPU int4 kernels are not in its PyPI wheel.
 """
 
@@ -461,17 +462,18 @@ class Int4Linear(RowPaths, nn.Module):
 
 class PackedInt4Linear(RowPaths, nn.Module):
     """`Int4Linear`'s values in ATen's packed layout for its int4 kernel (`_weight_int4pack_mm_for_cpu`), which a
-    bfloat16 model takes instead on AVX-512 and AVX2 builds (`packs_int4`). That kernel dequantizes each group in registers
-    and accumulates every row over the inputs in one fixed order, whatever the number of rows: up to FEW_ROWS rows
-    it is the whole product (no padding to buckets; a row's values are those it has alone). SmolLM2's shapes, 8
-    rows, AVX-512 BF16 EPYC: 0.058 / 0.201 / 0.087 ms against 0.217 / 0.329 / 2.95 for `Int4Linear`'s unrolled
-    one-row products; batch-8 decode 336-380 vs 182-257 tok/s, batch 1 alike (docs/performance.md, 2026-12-07). More rows
-    dequantize and multiply as `Int4Linear` does (the kernel's fp32 arithmetic took 2x a bf16 GEMM at 512 rows).
+    bfloat16 model takes instead on AVX-512 and AVX2 builds (`packs_int4`). That kernel dequantizes each group in
+    registers and accumulates every row over the inputs in one fixed order, whatever the number of rows: up to
+    FEW_ROWS rows it is the whole product (no padding to buckets; a row's values are those it has alone). SmolLM2's
+    shapes, 8 rows, AVX-512 BF16 EPYC: 0.058 / 0.201 / 0.087 ms against 0.217 / 0.329 / 2.95 for `Int4Linear`'s
+    unrolled one-row products; batch-8 decode 336-380 vs 182-257 tok/s, batch 1 alike (docs/performance.md,
+    2026-12-07). More rows dequantize and multiply as `Int4Linear` does (the kernel's fp32 arithmetic took 2x a
+    bf16 GEMM at 512 rows).
 
     Buffers: `packed` ATen's bytes ([N/B, K, B/2] for blocks of B outputs, `PACK_BLOCKS`: byte j of block b and
-    input k holds output B b + j in its low nibble and B b + B/2 + j in its high one), `scale_zeros` [K/32, N, 2] bf16 with
-    w = (q - 8) * scale + zero, and the group size as a tensor (inductor's lowering of the ATen op makes it a
-    constant that a regional graph's subgraph passed as a non-scalar, torch 2.13; the quantized op takes the
+    input k holds output B b + j in its low nibble and B b + B/2 + j in its high one), `scale_zeros` [K/32, N, 2]
+    bf16 with w = (q - 8) * scale + zero, and the group size as a tensor (inductor's lowering of the ATen op makes
+    it a constant that a regional graph's subgraph passed as a non-scalar, torch 2.13; the quantized op takes the
     tensor as it is)."""
 
     def __init__(self, layer: Int4Linear) -> None:
