@@ -382,6 +382,16 @@ class GroupedInt8Experts(Int8Experts):
         return _grouped_float(self.qweight[e], self.scale[e])
 
 
+def _nibbles(b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bytes `b` as float values -> their low and high nibbles, stacked in a new dimension `dim` (low first)."""
+    # Float arithmetic and a broadcast `where`: one pointwise pass that inductor vectorises (integer shifts it
+    # vectorised poorly, and a `cat` of the halves ran eagerly: 32-row int4 decode 140 -> ~300 tok/s).
+    b = b.unsqueeze(dim)
+    hi = torch.floor(b * (1 / 16))
+    half = torch.arange(2, device=b.device).view(2, *[1] * (b.dim() - dim - 1))
+    return torch.where(half == 0, b - 16 * hi, hi)
+
+
 def _grouped_float(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Values [..., K] int8 with scales [..., K/GROUP] -> [..., K] in the scales' dtype."""
     return (q.to(scale.dtype).unflatten(-1, (-1, GROUP)) * scale.unsqueeze(-1)).flatten(-2)
@@ -415,6 +425,13 @@ class Int4Linear(RowPaths, nn.Module):
         self.packed[tile, :, :, lane] = pack_int4(q)
         self.scale[tile, :, lane], self.offset[tile, :, lane] = scale.float(), offset.float()
 
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `load_groups` took: values [N, K] uint8 0..15, scales and offsets [N, K/32] in fp32."""
+        t, g = self.scale.shape[:2]
+        q = torch.cat([self.packed & 15, self.packed >> 4], dim=2)  # [T, G, 32, TILE]
+        by_row = lambda v: v.float().permute(0, 2, 1).reshape(t * TILE, g)[: self.out_features]  # noqa: E731
+        return q.permute(0, 3, 1, 2).reshape(t * TILE, -1)[: self.out_features], by_row(self.scale), by_row(self.offset)
+
     def dequantized(self) -> torch.Tensor:
         """The weight [N, K] in the scales' dtype."""
         return self.dequantized_t().t()
@@ -423,12 +440,7 @@ class Int4Linear(RowPaths, nn.Module):
         """The transposed weight [K, N]: written in the packed layout's order (output rows innermost), the
         8-bit loads stay contiguous; the [N, K] order gathered them (a 32-row step's down projection 1.23 ->
         0.53 ms on AVX2)."""
-        # Nibbles split by float arithmetic and interleaved by a broadcast `where`: one pointwise pass (a `cat`
-        # of the halves ran eagerly; 32-row int4 decode 140 -> ~300 tok/s, docs/performance.md).
-        b = self.packed.to(self.scale.dtype).unsqueeze(2)  # [T, G, 1, 16, TILE]
-        hi = torch.floor(b * (1 / 16))
-        half = torch.arange(2, device=b.device).view(1, 1, 2, 1, 1)
-        q = torch.where(half == 0, b - 16 * hi, hi).flatten(2, 3)  # [T, G, 32, TILE]
+        q = _nibbles(self.packed.to(self.scale.dtype), 2).flatten(2, 3)  # [T, G, 32, TILE]
         w = q * self.scale.unsqueeze(2) + self.offset.unsqueeze(2)
         return w.permute(1, 2, 0, 3).reshape(self.in_features, -1)[:, : self.out_features]
 
@@ -479,16 +491,11 @@ class PackedInt4Linear(RowPaths, nn.Module):
     def __init__(self, layer: Int4Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.block = PACK_BLOCKS[torch.backends.cpu.get_cpu_capability()]
-        n, k = layer.out_features, layer.in_features
-        t, g = layer.scale.shape[:2]
-        q = torch.cat([layer.packed & 15, layer.packed >> 4], dim=2)  # [T, G, 32, TILE]
-        q = q.permute(0, 3, 1, 2).reshape(t * TILE, k)[:n]
-        by_row = lambda v: v.float().permute(1, 0, 2).reshape(g, t * TILE)[:, :n]  # noqa: E731  [G, N]
-        scale, offset = by_row(layer.scale), by_row(layer.offset)
+        self.block = _pack_block()
+        q, scale, offset = layer.groups()
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         # zero = offset + 8 scale computed in fp32 and rounded once (a symmetric group's is near scale / 2).
-        sz = torch.stack([scale, offset + 8 * scale], dim=-1).to(torch.bfloat16)
+        sz = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).to(torch.bfloat16)  # [G, N, 2]
         self.register_buffer("scale_zeros", sz)
         self.register_buffer("group", torch.tensor(GROUP))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
@@ -502,10 +509,8 @@ class PackedInt4Linear(RowPaths, nn.Module):
     def dequantized_t(self) -> torch.Tensor:
         """The transposed weight [K, N] in bfloat16, each value computed in fp32 and rounded once."""
         k, n = self.in_features, self.out_features
-        b = self.packed.view(n // self.block, k, 1, self.block // 2).float()  # [N/B, K, 1, B/2]
-        hi = torch.floor(b * (1 / 16))  # float arithmetic: inductor vectorises it, not integer shifts
-        half = torch.arange(2, device=b.device).view(1, 1, 2, 1)
-        q = torch.where(half == 0, b - 16 * hi, hi).permute(1, 0, 2, 3).reshape(k, n)  # output B b + B/2 h + j
+        b = self.packed.view(n // self.block, k, self.block // 2).float()  # [N/B, K, B/2]
+        q = _nibbles(b, 2).permute(1, 0, 2, 3).reshape(k, n)  # output B b + B/2 h + j
         # Scales and zeros apart in fp32 first: read in place, each interleaved pair was gathered one value at a
         # time for every input (576 x 3072: 0.94 ms, as bits cast to fp32 1.69, from separate buffers 0.26).
         scale, zero = stored(self.scale_zeros[..., 0].float()), stored(self.scale_zeros[..., 1].float())  # [G, N]
@@ -529,5 +534,10 @@ def packs_int4(layer: nn.Module, dtype: torch.dtype) -> bool:
     """Whether `layer` (an `Int4Linear`) runs as a `PackedInt4Linear` in a model of `dtype`: ATen's kernel is
     vectorised for bfloat16 activations only (fp32 takes a scalar loop: 24.8 ms for 32 x 576 x 1536 against 0.34),
     and the layout is known for whole blocks of outputs of AVX-512 and AVX2 builds."""
-    block = PACK_BLOCKS.get(torch.backends.cpu.get_cpu_capability())
+    block = _pack_block()
     return isinstance(layer, Int4Linear) and dtype == torch.bfloat16 and bool(block) and layer.out_features % block == 0
+
+
+def _pack_block() -> int | None:
+    """Outputs per block of ATen's packed int4 layout on this CPU's kernels (`PACK_BLOCKS`), None if unknown."""
+    return PACK_BLOCKS.get(torch.backends.cpu.get_cpu_capability())

@@ -1,7 +1,7 @@
 """4-bit weights in groups of 32 with a scale and an offset each (kernels/quant_linear.py `Int4Linear`): the
 smallest format, and GGUF's Q4_0, Q4_1 and Q4_K blocks taken as they are, without loss (Q4_K's 6-bit sub-block
-scales and mins folded into fp32 per-group scales and offsets). A bfloat16 model on an AVX-512 CPU runs them in
-ATen's packed layout (`pack_for_dtype`)."""
+scales and mins folded into fp32 per-group scales and offsets). A bfloat16 model on AVX-512 and AVX2 builds runs
+them in ATen's packed layout (`pack_for_dtype`)."""
 
 from __future__ import annotations
 
