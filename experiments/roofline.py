@@ -29,13 +29,14 @@ log = logging.getLogger("roofline")
 
 
 def gemm_floor_ms(llm: LLM, rows: int) -> float:
-    """A decode step of `rows` rows made of nothing but the model's linear layers and LM head as fp32 GEMMs on
-    weights already in float (`matmul_bound.matmul_seconds`): no dequantization, attention or norms. Where the
-    step is bound by arithmetic (a quantized model's batched steps on a CPU without integer dot products) no
-    float formulation runs faster (SmolLM2 at 32 rows: 102 ms, 84 GFLOP/s, against 63 ms for 2.5x llama.cpp;
-    docs/performance.md)."""
+    """A decode step of `rows` rows made of nothing but the model's linear layers and LM head as GEMMs in the
+    model's dtype on weights already in float (`matmul_bound.matmul_seconds`): no dequantization, attention or
+    norms. Where the step is bound by arithmetic (a quantized model's batched steps on a CPU without integer dot
+    products) no float formulation runs faster (SmolLM2 at 32 rows in fp32 on AVX2: 102 ms, 84 GFLOP/s, against
+    63 ms for 2.5x llama.cpp; docs/performance.md)."""
     steps = Counter({(rows, rows): 1})  # one step: every row through the layers and the head
-    seconds, _, _ = matmul_seconds(llm.engine.model_config, torch.float32, "cpu", steps, repeats=7, bandwidth_gbs=1.0)
+    eng = llm.engine
+    seconds, _, _ = matmul_seconds(eng.model_config, eng.dtype, "cpu", steps, repeats=7, bandwidth_gbs=1.0)
     return 1000 * seconds
 
 
@@ -89,7 +90,7 @@ def main(cfg: DictConfig) -> None:
         gemm_ms = gemm_floor_ms(llm, batch)
         log.info(
             "batch %3d: %.1f ms/step = %.2fx floor (%.1f ms at %.1f GB/s: %.1f before, %.1f after), %.1f tok/s; "
-            "its products as fp32 GEMMs alone %.1f ms (%.0f tok/s at most that way)",
+            "its products as GEMMs alone (%s) %.1f ms (%.0f tok/s at most that way)",
             batch,
             ms,
             ms / floor_ms,
@@ -98,6 +99,7 @@ def main(cfg: DictConfig) -> None:
             before,
             after,
             batch * 1000 / ms,
+            str(llm.engine.dtype).removeprefix("torch."),
             gemm_ms,
             batch * 1000 / gemm_ms,
         )
