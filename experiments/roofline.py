@@ -14,7 +14,6 @@ import time
 from collections import Counter
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from engine import LLM, SamplingParams
