@@ -14,11 +14,11 @@ import time
 from collections import Counter
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
+from engine.quant.base import weight_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
 from matmul_bound import matmul_seconds  # noqa: E402
@@ -37,14 +37,6 @@ def gemm_floor_ms(llm: LLM, rows: int) -> float:
     eng = llm.engine
     seconds, _, _ = matmul_seconds(eng.model_config, eng.dtype, "cpu", steps, repeats=7, bandwidth_gbs=1.0)
     return 1000 * seconds
-
-
-def step_read_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: all but an untied embedding table, of which a step reads only the
-    rows of its tokens (a tied table is read whole as the LM head). Counting the table overstated the 0.6B
-    model's batch-1 floor by its 155 M embedding weights."""
-    tensors = {t.data_ptr(): t for n, t in model.state_dict().items() if not n.startswith("embed_tokens.")}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
@@ -83,7 +75,9 @@ def main(cfg: DictConfig) -> None:
     resolve_bench_model(cfg)
     b = cfg.bench
     llm = LLM(config=EngineConfig.from_dictconfig(cfg))
-    weights = step_read_bytes(llm.engine.model)
+    # A step reads all but an untied embedding table, of which it reads only its tokens' rows (a tied table is
+    # read whole as the LM head): counted whole, it overstated the 0.6B model's batch-1 floor by 155 M weights.
+    weights = weight_bytes(llm.engine.model, skip="embed_tokens.")
     log.info("a step reads %.0f MB of weights (%s, quant=%s)", weights / 2**20, llm.engine.dtype, cfg.quant._target_)
     decode_step_ms(llm, 1, b.context_len, 4)  # warm-up / compile
     for batch in b.batch_sizes:

@@ -123,8 +123,11 @@ def quantize_modules(model: nn.Module, plan: Mapping[str, str]) -> None:
         setattr(parent, attr, FORMATS[fmt].build(getattr(parent, attr), attr))
 
 
-def weight_bytes(model: nn.Module) -> int:
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied table once
+def weight_bytes(model: nn.Module, skip: str | None = None) -> int:
+    """Bytes of `model`'s weights, a tensor shared by several modules (a tied table) once; with `skip`, the tensors
+    whose names start with it left out (a shared one still counts under its other name)."""
+    items = model.state_dict().items()
+    tensors = {t.data_ptr(): t for n, t in items if skip is None or not n.startswith(skip)}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
